@@ -1,0 +1,154 @@
+"""DAVIS-2017 and MOSE-style dataset layouts.
+
+DAVIS-2017: ``JPEGImages/480p/<seq>/*.jpg``, ``Annotations/480p/<seq>/*.png``,
+``ImageSets/2017/<split>.txt``. MOSE-style: ``JPEGImages/<seq>``, ``Annotations/<seq>`` and no ImageSets.
+Only the first frame needs a mask (semi-supervised VOS); other masks, when present, are ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness.data.masks import DAVIS_PALETTE, VOID_ID, image_size, read_mask, read_palette
+from harness.errors import DataError
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One video: its frames in order and the annotated frames' masks."""
+
+    name: str
+    frames: tuple[Path, ...]
+    annotations: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def frame_names(self) -> list[str]:
+        return [path.stem for path in self.frames]
+
+    @property
+    def first_mask_path(self) -> Path:
+        return self.annotations[self.frames[0].stem]
+
+    def frame_size(self, index: int = 0) -> tuple[int, int]:
+        """(width, height) of frame ``index``."""
+        return image_size(self.frames[index])
+
+    def load_mask(self, frame_name: str) -> np.ndarray:
+        """The mask of an annotated frame, checked against its frame's size."""
+        if frame_name not in self.annotations:
+            raise DataError(f"sequence {self.name!r} has no mask for frame {frame_name!r}")
+        path = self.annotations[frame_name]
+        mask = read_mask(path)
+        frame_path = self.frames[self.frame_names.index(frame_name)]
+        width, height = image_size(frame_path)
+        if mask.shape != (height, width):
+            raise DataError(
+                f"mask {path} is {mask.shape[1]}x{mask.shape[0]} "
+                f"but its frame {frame_path} is {width}x{height}"
+            )
+        return mask
+
+    def first_mask(self) -> np.ndarray:
+        return self.load_mask(self.frames[0].stem)
+
+    def object_ids(self) -> list[int]:
+        """The objects of the sequence: the ids present in its first-frame mask (0 and void excluded)."""
+        ids = np.unique(self.first_mask())
+        return [int(i) for i in ids if i not in (0, VOID_ID)]
+
+    @property
+    def fully_annotated(self) -> bool:
+        return all(name in self.annotations for name in self.frame_names)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    split: str
+    layout: str  # "davis" or "mose"
+    sequences: tuple[Sequence, ...]
+    palette: list[int]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def sequence(self, name: str) -> Sequence:
+        for sequence in self.sequences:
+            if sequence.name == name:
+                return sequence
+        raise DataError(f"no sequence {name!r} in {self.root} ({self.split})")
+
+
+def _list_images(folder: Path, suffixes: tuple[str, ...]) -> tuple[Path, ...]:
+    return tuple(
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and not p.name.startswith("."))
+    )
+
+
+def _load_sequence(name: str, frame_dir: Path, mask_dir: Path) -> Sequence:
+    if not frame_dir.is_dir():
+        raise DataError(f"sequence {name!r}: frame folder {frame_dir} does not exist")
+    frames = _list_images(frame_dir, FRAME_SUFFIXES)
+    if not frames:
+        raise DataError(f"sequence {name!r}: no frames (.jpg/.png) in {frame_dir}")
+    annotations = {p.stem: p for p in _list_images(mask_dir, (".png",))} if mask_dir.is_dir() else {}
+    if frames[0].stem not in annotations:
+        raise DataError(
+            f"sequence {name!r}: no first-frame mask; expected {mask_dir / (frames[0].stem + '.png')}"
+        )
+    return Sequence(name=name, frames=frames, annotations=annotations)
+
+
+def read_split(root: Path, split: str) -> list[str]:
+    """Sequence names of a DAVIS split file (``ImageSets/2017/<split>.txt``)."""
+    imagesets = root / "ImageSets" / "2017"
+    split_file = imagesets / f"{split}.txt"
+    if not split_file.is_file():
+        known = sorted(p.stem for p in imagesets.glob("*.txt")) if imagesets.is_dir() else []
+        raise DataError(f"no split file {split_file}; splits found: {', '.join(known) or 'none'}")
+    names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"split file {split_file} lists no sequences")
+    return names
+
+
+def open_dataset(
+    root: str | Path, split: str = "val", sequences: list[str] | None = None, resolution: str = "480p"
+) -> Dataset:
+    """Open a DAVIS-2017 or MOSE-style dataset, checking that every sequence has frames and a first mask.
+
+    ``sequences`` restricts the dataset to a subset (in the given order).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist")
+    if (root / "JPEGImages" / resolution).is_dir():
+        layout = "davis"
+        frame_root = root / "JPEGImages" / resolution
+        mask_root = root / "Annotations" / resolution
+        names = read_split(root, split)
+    elif (root / "JPEGImages").is_dir():
+        layout = "mose"
+        frame_root = root / "JPEGImages"
+        mask_root = root / "Annotations"
+        names = sorted(p.name for p in frame_root.iterdir() if p.is_dir())
+    else:
+        raise DataError(
+            f"{root} is not a dataset: expected JPEGImages/{resolution}/<sequence> (DAVIS-2017) "
+            "or JPEGImages/<sequence> (MOSE-style)"
+        )
+    if sequences is not None:
+        unknown = [name for name in sequences if name not in names]
+        if unknown:
+            raise DataError(f"sequences not in {root} ({split}): {', '.join(unknown)}")
+        names = list(sequences)
+    if not names:
+        raise DataError(f"no sequences in {root} ({split})")
+    loaded = tuple(_load_sequence(name, frame_root / name, mask_root / name) for name in names)
+    palette = read_palette(loaded[0].first_mask_path) or DAVIS_PALETTE
+    return Dataset(root=root, split=split, layout=layout, sequences=loaded, palette=palette)
