@@ -1,0 +1,255 @@
+"""Propagating first-frame masks through a whole sequence with a memory of earlier frames.
+
+As in the released code: the memory is the first frame (its features and one-hot mask) plus the last
+``n_last_frames`` frames (their features and soft outputs, first in first out). Each frame's soft output is
+upsampled to the network input size, min-max normalised per channel, turned into labels by argmax, and
+resized to the original frame size with nearest neighbour (PIL's, as the released code does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from harness.errors import ConfigError, DataError
+from harness.propagation.affinity import (
+    PropagationWorkspace,
+    check_propagation_params,
+    normalise_channels_last,
+    propagate_prepared,
+)
+
+#: Written masks are uint8 channel indices.
+MAX_CLASSES = 256
+
+FeatureSource = torch.Tensor | Sequence[torch.Tensor] | Callable[[int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """Label propagation hyper-parameters; the defaults are the paper's."""
+
+    similarity: str = "cosine"
+    temperature: float = 0.2
+    topk: int = 15
+    radius: int = 15
+    n_last_frames: int = 28
+
+    def __post_init__(self) -> None:
+        check_propagation_params(self.similarity, self.temperature, self.topk, self.radius)
+        frames = self.n_last_frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
+            raise ConfigError(f"n_last_frames must be an integer >= 0 (0 = first frame only), got {frames!r}")
+
+
+def _check_size(name: str, size: tuple[int, int]) -> tuple[int, int]:
+    def positive_int(value: object) -> bool:
+        return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+
+    if len(size) != 2 or not all(positive_int(value) for value in size):
+        raise ValueError(f"{name} must be (height, width) of positive integers, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A (H, W) uint8 label map resized to ``size`` = (height, width) with PIL's nearest neighbour.
+
+    PIL on purpose: the released code resizes masks with it, and its pixel-centre rule (computed in fixed
+    point) differs from torch's and OpenCV's "nearest" on many sizes.
+    """
+    height, width = _check_size("size", size)
+    if labels.shape == (height, width):
+        return labels.copy()
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    return np.asarray(image.resize((width, height), Image.Resampling.NEAREST))
+
+
+def labels_to_onehot(
+    labels: np.ndarray, num_classes: int, grid_size: tuple[int, int], *, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """One-hot (num_classes, h, w) float32 of a (H, W) channel-index map resized (nearest) to the grid."""
+    labels = _checked_labels(labels, num_classes)
+    small = resize_labels_nearest(labels.astype(np.uint8), grid_size)
+    indices = torch.from_numpy(small.astype(np.int64)).to(device)
+    return F.one_hot(indices, num_classes).permute(2, 0, 1).to(torch.float32).contiguous()
+
+
+def soft_to_labels(
+    soft: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]
+) -> np.ndarray:
+    """The written mask of a soft output (K+1, h, w): a (H0, W0) uint8 array of channel indices.
+
+    Upsample bilinearly (align_corners=False) to the network input size, min-max normalise every channel
+    whose maximum is above 0 (others are left alone), argmax over channels (first channel wins ties), and
+    resize to the original frame size with nearest neighbour. A constant positive channel has no range: the
+    released code divides 0 by 0, and torch's argmax lets NaN win, so such a channel takes every pixel
+    (the first one if several). It is set to +inf here to keep that outcome without NaNs.
+    """
+    if soft.dim() != 3 or soft.shape[0] < 1:
+        raise ValueError(f"soft output must be (K+1, h, w), got shape {tuple(soft.shape)}")
+    if soft.shape[0] > MAX_CLASSES:
+        raise ValueError(f"{soft.shape[0]} channels do not fit a uint8 label map (at most {MAX_CLASSES})")
+    input_size = _check_size("input_size", input_size)
+    output_size = _check_size("output_size", output_size)
+    up = F.interpolate(soft[None].to(torch.float32), size=input_size, mode="bilinear", align_corners=False)[0]
+    flat = up.reshape(up.shape[0], -1)
+    low = flat.amin(dim=1, keepdim=True)
+    high = flat.amax(dim=1, keepdim=True)
+    positive = high > 0
+    shifted = torch.where(positive, flat - low, flat)
+    span = shifted.amax(dim=1, keepdim=True)
+    normalised = torch.where(span > 0, shifted / torch.where(span > 0, span, 1.0), shifted)
+    normalised = torch.where(positive & (span == 0), torch.inf, normalised)
+    labels = normalised.argmax(dim=0).reshape(input_size).to(torch.uint8).cpu().numpy()
+    return resize_labels_nearest(labels, output_size)
+
+
+def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    _check_num_classes(num_classes)
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise DataError(f"first-frame labels must be a (height, width) array, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"first-frame labels must be integer channel indices, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"first-frame labels hold values {int(labels.min())}..{int(labels.max())}, outside the channel "
+            f"range 0..{num_classes - 1} (num_classes = {num_classes})"
+        )
+    return labels
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise ConfigError(f"num_classes must be an integer, got {num_classes!r}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"num_classes must be in 1..{MAX_CLASSES} (background + objects): {num_classes}")
+
+
+class _FrameReader:
+    """Uniform, validated access to the features of frame t, whatever form they were given in."""
+
+    def __init__(self, features: FeatureSource, num_frames: int | None) -> None:
+        if isinstance(features, torch.Tensor):
+            if features.dim() != 4:
+                raise ValueError(f"features tensor must be (T, C, h, w), got shape {tuple(features.shape)}")
+            length = features.shape[0]
+            self._get: Callable[[int], torch.Tensor] = features.__getitem__
+        elif hasattr(features, "__len__") and hasattr(features, "__getitem__"):
+            length = len(features)
+            self._get = features.__getitem__
+        elif callable(features):
+            if num_frames is None:
+                raise ValueError("features is a callable: pass num_frames so the sequence length is known")
+            length = num_frames
+            self._get = features
+        else:
+            kind = type(features).__name__
+            raise ValueError(f"features must be a tensor, a sequence or a callable, got {kind}")
+        if num_frames is not None and num_frames != length:
+            raise ValueError(f"num_frames = {num_frames} but the features hold {length} frames")
+        self.num_frames = int(length)
+        self._shape: tuple[int, ...] | None = None
+        self.device: torch.device | None = None
+
+    def __call__(self, index: int) -> torch.Tensor:
+        frame = self._get(index)
+        if not isinstance(frame, torch.Tensor):
+            frame = torch.as_tensor(np.asarray(frame))
+        if frame.dim() != 3:
+            raise DataError(f"features of frame {index} must be (C, h, w), got shape {tuple(frame.shape)}")
+        if self._shape is None:
+            self._shape, self.device = tuple(frame.shape), frame.device
+        elif tuple(frame.shape) != self._shape:
+            raise DataError(
+                f"features of frame {index} have shape {tuple(frame.shape)}, frame 0 had {self._shape}"
+            )
+        return frame.to(self.device)
+
+
+def propagate_sequence(
+    features: FeatureSource,
+    first_labels: np.ndarray,
+    num_classes: int,
+    settings: PropagationSettings,
+    *,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    progress: bool = False,
+    num_frames: int | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (t, labels) for t = 1 .. T-1: the propagated (H0, W0) uint8 channel-index map of frame t.
+
+    ``features`` holds T feature maps (C, h, w): a (T, C, h, w) tensor, a sequence, or a callable
+    index -> map (then ``num_frames`` is required) so maps can be loaded lazily, one at a time.
+    ``first_labels`` is the (H0, W0) map of channel indices 0..K of frame 0 (0 = background) and
+    ``num_classes`` = K+1. ``input_size`` is the (H, W) the network saw, ``output_size`` = (H0, W0).
+    Everything runs on the device of frame 0's features; the memory lives in preallocated buffers there.
+    """
+    if not isinstance(settings, PropagationSettings):
+        raise ConfigError(f"settings must be a PropagationSettings, got {type(settings).__name__}")
+    input_size = _check_size("input_size", input_size)
+    output_size = _check_size("output_size", output_size)
+    first_labels = _checked_labels(first_labels, num_classes)
+    if first_labels.shape != output_size:
+        raise DataError(
+            f"first-frame labels have shape {first_labels.shape}, expected output_size {output_size}"
+        )
+    read = _FrameReader(features, num_frames)
+    if read.num_frames < 1:
+        raise DataError("the sequence has no frame")
+    return _propagate(read, first_labels, int(num_classes), settings, input_size, output_size, progress)
+
+
+def _propagate(
+    read: _FrameReader,
+    first_labels: np.ndarray,
+    num_classes: int,
+    settings: PropagationSettings,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    progress: bool,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The generator behind propagate_sequence (split off so argument errors raise at call time)."""
+    first = normalise_channels_last(read(0))
+    height, width, channels = first.shape
+    device = first.device
+    # the memory never holds more previous frames than the sequence has before its last frame
+    n_previous = min(settings.n_last_frames, max(read.num_frames - 2, 0))
+    slots = 1 + n_previous
+    memory_feats = torch.empty((slots, height, width, channels), dtype=torch.float32, device=device)
+    memory_masks = torch.empty((slots, height, width, num_classes), dtype=torch.float32, device=device)
+    memory_feats[0] = first
+    onehot = labels_to_onehot(first_labels, num_classes, (height, width), device=device)
+    memory_masks[0] = onehot.permute(1, 2, 0)
+    filled = 1
+    del first
+    workspace = PropagationWorkspace()
+
+    frames = range(1, read.num_frames)
+    for t in tqdm(frames, desc="propagating", unit="frame", disable=not progress, leave=False):
+        query = normalise_channels_last(read(t))
+        soft = propagate_prepared(
+            query,
+            memory_feats[:filled],
+            memory_masks[:filled],
+            similarity=settings.similarity,
+            temperature=float(settings.temperature),
+            topk=settings.topk,
+            radius=settings.radius,
+            workspace=workspace,
+        )
+        if n_previous > 0 and t < read.num_frames - 1:
+            # FIFO over slots 1..n_previous: frame t replaces frame t - n_previous (slot order is irrelevant,
+            # the propagation treats the memory as a set)
+            slot = 1 + (t - 1) % n_previous
+            memory_feats[slot] = query
+            memory_masks[slot] = soft
+            filled = min(filled + 1, slots)
+        yield t, soft_to_labels(soft.permute(2, 0, 1), input_size, output_size)
