@@ -1,0 +1,161 @@
+"""The settings of one run, read from YAML and validated before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.errors import ConfigError
+from harness.propagation import PropagationSettings
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    root: str = "data/synth"
+    split: str = "val"
+    sequences: list[str] | None = None
+    resolution: str = "480p"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "random-conv"
+    #: checkpoint file or model folder; None = the backbone's own lookup (and download when online)
+    weights: str | None = None
+    #: None = the backbone's default
+    timestep: int | None = None
+    layer: int | str | None = None
+    ensemble_size: int = 1
+    seed: int = 0
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str = "fp32"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ensemble_size < 1:
+            raise ConfigError(f"backbone.ensemble_size must be >= 1, got {self.ensemble_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"backbone.batch_size must be >= 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"backbone.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    #: frames are resized so that their short side is this long (the paper uses 480)
+    short_side: int = 480
+
+    def __post_init__(self) -> None:
+        if self.short_side < 8:
+            raise ConfigError(f"input.short_side must be >= 8, got {self.short_side}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    #: None = $DIFFVOS_CACHE_DIR or ./cache/features
+    dir: str | None = None
+    fp16: bool = False
+    max_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    output_dir: str = "runs/default"
+    #: evaluate against the ground truth when every frame is annotated
+    evaluate: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _build(cls, data, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of settings")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with dotted-key overrides applied, e.g. {"backbone.timestep": 50}."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown setting {dotted!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"unknown setting {dotted!r}")
+            node[leaf] = value
+        return RunConfig.from_dict(data)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate a (nested) frozen dataclass from plain data, rejecting unknown keys and bad types."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) in {where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{where}.{name}")
+        else:
+            kwargs[name] = _check_type(value, hint, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        origin = typing.get_origin(option) or option
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, bool):
+            continue
+        if isinstance(origin, type) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{where} must be {names}, got {value!r}")

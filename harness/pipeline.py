@@ -1,0 +1,274 @@
+"""One run, end to end: dataset -> frames -> backbone features (cached) -> propagation -> masks ->
+evaluation.
+
+Predictions are written into a staging folder and moved into place only when the run succeeds, so a
+failed or killed run never leaves a half-written prediction folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from backbones import Backbone, LayerKey, load_backbone
+from harness.config import RunConfig
+from harness.data import Dataset, Sequence, open_dataset, write_mask
+from harness.data.masks import VOID_ID
+from harness.evaluation import EvaluationResult, ObjectScores, evaluate_sequence, write_results
+from harness.features import (
+    CacheStats,
+    FeatureCache,
+    default_cache_dir,
+    extract_sequence_features,
+    frame_identity,
+)
+from harness.frames import load_network_inputs, network_input_size
+from harness.propagation import propagate_sequence
+
+
+@dataclass(frozen=True)
+class SequenceOutcome:
+    """What a finished sequence reports (used for per-sequence pruning and logging)."""
+
+    index: int
+    name: str
+    num_frames: int
+    object_ids: list[int]
+    #: None when the sequence has no full ground truth
+    scores: list[ObjectScores] | None
+    seconds: dict[str, float]
+
+    @property
+    def jf(self) -> float | None:
+        """Mean of (J + F) / 2 over the sequence's objects."""
+        if not self.scores:
+            return None
+        return float(np.mean([(s.j_statistics.mean + s.f_statistics.mean) / 2 for s in self.scores]))
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    output_dir: Path
+    predictions_dir: Path
+    timestep: int
+    layer: LayerKey
+    #: global metrics (J&F-Mean, J-Mean, ...) when the dataset has ground truth
+    metrics: dict[str, float] | None
+    evaluation: EvaluationResult | None
+    sequences: list[SequenceOutcome]
+    timings: dict[str, float] = field(default_factory=dict)
+    cache_stats: CacheStats | None = None
+    submission_zip: Path | None = None
+
+    @property
+    def per_sequence_jf(self) -> dict[str, float]:
+        return {o.name: o.jf for o in self.sequences if o.jf is not None}
+
+
+def build_cache(config: RunConfig) -> FeatureCache | None:
+    if not config.cache.enabled:
+        return None
+    root = Path(config.cache.dir) if config.cache.dir else default_cache_dir()
+    max_bytes = int(config.cache.max_gb * 1024**3) if config.cache.max_gb else None
+    return FeatureCache(root, max_bytes=max_bytes, fp16=config.cache.fp16)
+
+
+def build_backbone(config: RunConfig) -> Backbone:
+    spec = config.backbone
+    options = dict(spec.options)
+    if spec.dtype != "fp32":
+        options.setdefault("dtype", spec.dtype)
+    return load_backbone(spec.name, weights=spec.weights, device=spec.device, **options)
+
+
+def _id_lookup(object_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Tables mapping dataset ids -> channels (1..K, void and unknown -> 0) and channels -> ids."""
+    to_channel = np.zeros(256, dtype=np.int64)
+    for channel, object_id in enumerate(object_ids, start=1):
+        to_channel[object_id] = channel
+    to_id = np.array([0, *object_ids], dtype=np.uint8)
+    return to_channel, to_id
+
+
+def predict_sequence(
+    sequence: Sequence,
+    backbone: Backbone,
+    config: RunConfig,
+    *,
+    timestep: int,
+    layer: LayerKey,
+    out_dir: Path,
+    palette: list[int],
+    cache: FeatureCache | None,
+) -> dict[str, float]:
+    """Write the predicted masks of one sequence into ``out_dir``; returns timings in seconds."""
+    width, height = sequence.frame_size()
+    input_size = network_input_size(width, height, config.input.short_side, backbone.size_multiple)
+    spec = config.backbone
+
+    started = time.perf_counter()
+    frame_ids = [frame_identity(path) for path in sequence.frames]
+
+    def load_frames(indices: list[int]) -> torch.Tensor:
+        return load_network_inputs([sequence.frames[i] for i in indices], input_size)
+
+    features = extract_sequence_features(
+        backbone,
+        sequence=sequence.name,
+        frame_ids=frame_ids,
+        load_frames=load_frames,
+        input_size=input_size,
+        timestep=timestep,
+        layers=[layer],
+        ensemble_size=spec.ensemble_size,
+        seed=spec.seed,
+        batch_size=spec.batch_size,
+        dtype=spec.dtype,
+        cache=cache,
+        progress=config.progress,
+    )[layer]
+    extracted = time.perf_counter()
+
+    first_mask = sequence.first_mask()
+    object_ids = sequence.object_ids()
+    to_channel, to_id = _id_lookup(object_ids)
+    seq_dir = out_dir / sequence.name
+    names = sequence.frame_names
+    first = first_mask.copy()
+    first[first == VOID_ID] = 0
+    write_mask(seq_dir / f"{names[0]}.png", first, palette)
+    device = backbone.device if backbone.device.type != "meta" else torch.device("cpu")
+    labels_iter = propagate_sequence(
+        features.to(device),
+        to_channel[first_mask],
+        len(object_ids) + 1,
+        config.propagation,
+        input_size=input_size,
+        output_size=(height, width),
+        progress=config.progress,
+    )
+    for index, labels in labels_iter:
+        write_mask(seq_dir / f"{names[index]}.png", to_id[labels], palette)
+    return {"extraction": extracted - started, "propagation": time.perf_counter() - extracted}
+
+
+def _write_submission_zip(predictions: Path, out_dir: Path, dataset: Dataset) -> Path:
+    """The archive the DAVIS test-dev / MOSE evaluation servers expect (PNG folders per sequence)."""
+    prefix = "Annotations/" if dataset.layout == "mose" else ""
+    target = out_dir / f"submission-{dataset.split}.zip"
+    with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".zip.tmp", delete=False) as handle:
+        tmp = Path(handle.name)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for png in sorted(predictions.rglob("*.png")):
+                archive.write(png, prefix + png.relative_to(predictions).as_posix())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def run(
+    config: RunConfig,
+    *,
+    backbone: Backbone | None = None,
+    cache: FeatureCache | None = None,
+    on_sequence: Callable[[SequenceOutcome], None] | None = None,
+) -> RunResult:
+    """Run the whole pipeline for ``config``.
+
+    ``backbone`` and ``cache`` may be passed in so that a sweep reuses a loaded model across trials.
+    ``on_sequence`` is called after every sequence (with its scores when ground truth exists); it may
+    raise to stop the run early (e.g. Optuna pruning).
+    """
+    started = time.perf_counter()
+    dataset = open_dataset(
+        config.dataset.root, config.dataset.split, config.dataset.sequences, config.dataset.resolution
+    )
+    if backbone is None:
+        backbone = build_backbone(config)
+    timestep = backbone.check_timestep(
+        config.backbone.timestep if config.backbone.timestep is not None else backbone.default_timestep
+    )
+    layer = backbone.resolve_layer(
+        config.backbone.layer if config.backbone.layer is not None else backbone.default_layer
+    )
+    if cache is None:
+        cache = build_cache(config)
+    loaded = time.perf_counter()
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".predictions-", dir=output_dir))
+    evaluate = config.evaluate and all(seq.fully_annotated for seq in dataset.sequences)
+    outcomes: list[SequenceOutcome] = []
+    timings = {"setup": loaded - started, "extraction": 0.0, "propagation": 0.0, "evaluation": 0.0}
+    try:
+        for index, sequence in enumerate(dataset.sequences):
+            seconds = predict_sequence(
+                sequence,
+                backbone,
+                config,
+                timestep=timestep,
+                layer=layer,
+                out_dir=staging,
+                palette=dataset.palette,
+                cache=cache,
+            )
+            scores = None
+            if evaluate:
+                eval_start = time.perf_counter()
+                scores = evaluate_sequence(sequence, staging)
+                seconds["evaluation"] = time.perf_counter() - eval_start
+            for key, value in seconds.items():
+                timings[key] += value
+            outcome = SequenceOutcome(
+                index, sequence.name, len(sequence.frames), sequence.object_ids(), scores, seconds
+            )
+            outcomes.append(outcome)
+            if on_sequence is not None:
+                on_sequence(outcome)
+        predictions = output_dir / "predictions"
+        if predictions.exists():
+            shutil.rmtree(predictions)
+        staging.replace(predictions)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    evaluation = None
+    metrics = None
+    if evaluate:
+        evaluation = EvaluationResult.from_objects([s for o in outcomes for s in (o.scores or [])])
+        write_results(evaluation, output_dir, dataset.split)
+        metrics = dict(evaluation.global_metrics)
+    submission = None if evaluate else _write_submission_zip(predictions, output_dir, dataset)
+    resolved = config.to_dict() | {
+        "resolved": {"timestep": timestep, "layer": layer, "backbone": backbone.identity()}
+    }
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    timings["total"] = time.perf_counter() - started
+    return RunResult(
+        config=config,
+        output_dir=output_dir,
+        predictions_dir=predictions,
+        timestep=timestep,
+        layer=layer,
+        metrics=metrics,
+        evaluation=evaluation,
+        sequences=outcomes,
+        timings=timings,
+        cache_stats=cache.stats if cache is not None else None,
+        submission_zip=submission,
+    )
