@@ -33,6 +33,8 @@ class BackboneConfig:
     #: None = the backbone's default
     timestep: int | None = None
     layer: int | str | None = None
+    #: more layers to extract in the same forward pass and cache (a layer sweep lists all its layers)
+    prefetch_layers: list[int | str] | None = None
     ensemble_size: int = 1
     seed: int = 0
     batch_size: int = 8

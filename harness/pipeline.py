@@ -100,6 +100,38 @@ def _id_lookup(object_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return to_channel, to_id
 
 
+#: prefetched layers are held in memory for a whole sequence; skip those that would exceed this
+PREFETCH_BUDGET_BYTES = 2 * 1024**3
+
+
+def _layers_to_extract(
+    backbone: Backbone,
+    layer: LayerKey,
+    prefetch: list[int | str] | None,
+    *,
+    num_frames: int,
+    input_size: tuple[int, int],
+) -> list[LayerKey]:
+    """The requested layer first, then the prefetched ones (one forward pass fills the cache for all).
+
+    Fine layers (e.g. ADM's stride-1 blocks) are too large to hold for a whole sequence; prefetched layers
+    are added only while their float32 features stay within :data:`PREFETCH_BUDGET_BYTES`.
+    """
+    table = backbone.layers()
+    layers = [layer]
+    budget = PREFETCH_BUDGET_BYTES
+    for extra in prefetch or []:
+        key = backbone.resolve_layer(extra)
+        info = table[key]
+        size = (
+            num_frames * info.channels * (input_size[0] // info.stride) * (input_size[1] // info.stride) * 4
+        )
+        if key not in layers and size <= budget:
+            layers.append(key)
+            budget -= size
+    return layers
+
+
 def predict_sequence(
     sequence: Sequence,
     backbone: Backbone,
@@ -129,7 +161,9 @@ def predict_sequence(
         load_frames=load_frames,
         input_size=input_size,
         timestep=timestep,
-        layers=[layer],
+        layers=_layers_to_extract(
+            backbone, layer, spec.prefetch_layers, num_frames=len(sequence.frames), input_size=input_size
+        ),
         ensemble_size=spec.ensemble_size,
         seed=spec.seed,
         batch_size=spec.batch_size,

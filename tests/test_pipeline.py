@@ -202,3 +202,33 @@ def test_cli_backbones_list_and_cache(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["cache", "info", "--dir", str(tmp_path / "c")]) == 0
     assert "entries" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path / "c")]) == 0
+
+
+def test_prefetched_layers_are_cached_by_the_same_pass(synth_root: Path, tmp_path: Path) -> None:
+    config = small_config(
+        synth_root,
+        tmp_path,
+        **{
+            "dataset.sequences": ["synth-reenter"],
+            "backbone.layer": 2,
+            "backbone.prefetch_layers": [0, 1, 2],
+        },
+    )
+    backbone = build_backbone(config)
+    calls: list[list] = []
+    original = backbone.extract
+
+    def counting(*args, **kwargs):
+        calls.append(list(kwargs["layers"]))
+        return original(*args, **kwargs)
+
+    backbone.extract = counting  # type: ignore[method-assign]
+    run(config, backbone=backbone)
+    assert calls and all(sorted(map(str, layers)) == ["0", "1", "2"] for layers in calls)
+    calls.clear()
+    for layer in (0, 1):
+        run(
+            config.with_overrides({"backbone.layer": layer, "output_dir": str(tmp_path / f"l{layer}")}),
+            backbone=backbone,
+        )
+    assert calls == []

@@ -1,0 +1,218 @@
+"""One Optuna trial: settings from the study file and the sampler, one pipeline run, logged to MLflow.
+
+The objective lives as long as its worker: loaded backbones and the feature cache are kept in the
+objective object (not in module globals) so that trials of the same model do not reload it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harness.errors import ConfigError
+from harness.study.spec import StudySpec, _set_dotted
+
+if TYPE_CHECKING:
+    from harness.tracking import StudyTracker
+
+#: Test hook, off unless set: seconds to sleep after every sequence of a trial, so that a test can kill a
+#: worker while it is inside a trial. Read once per worker, never in normal use.
+SLEEP_ENV = "DIFFVOS_STUDY_SLEEP_PER_SEQUENCE"
+#: how much of an error message is kept in the trial's "error" user attribute
+MAX_ERROR_CHARS = 2000
+
+#: ``harness.pipeline.run``'s signature; tests pass a fake
+PipelineRunner = Callable[..., Any]
+
+
+def backbone_key(config: Any) -> tuple[str, ...]:
+    """What decides which network a trial needs; trials with equal keys share one loaded backbone."""
+    spec = config.backbone
+    options = json.dumps(spec.options, sort_keys=True, default=str)
+    return (spec.name, str(spec.weights), str(spec.device), spec.dtype, options)
+
+
+class BackbonePool:
+    """Backbones this worker has loaded, kept for the worker's lifetime (models take long to load)."""
+
+    def __init__(self, build: Callable[[Any], Any] | None = None) -> None:
+        self._build = build
+        self._loaded: dict[tuple[str, ...], Any] = {}
+
+    def get(self, config: Any) -> Any:
+        key = backbone_key(config)
+        if key not in self._loaded:
+            build = self._build
+            if build is None:
+                from harness.pipeline import build_backbone as build
+            self._loaded[key] = build(config)
+        return self._loaded[key]
+
+    def __len__(self) -> int:
+        return len(self._loaded)
+
+
+@dataclass(frozen=True)
+class UnbuiltSettings:
+    """Stands in for a RunConfig that could not be built, so that the failed trial still gets its run."""
+
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.settings
+
+
+def error_text(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def release_accelerator_memory() -> None:
+    """After a failed trial (often out of memory), hand cached GPU blocks back so the next trial can run."""
+    torch = sys.modules.get("torch")  # only if the pipeline already imported it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def close_stale_runs(study: Any, tracker: StudyTracker) -> int:
+    """Close (as KILLED) the MLflow runs of trials Optuna has failed while their run was still open."""
+    from optuna.trial import TrialState
+
+    failed = {t.number: "FAIL" for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return tracker.close_stale_trials(failed) if failed else 0
+
+
+class StudyObjective:
+    """Callable passed to ``study.optimize``: returns the trial's objective metric.
+
+    Failures (bad settings, out of memory, any exception) are recorded on the trial (user attribute
+    ``error``) and on its MLflow run (FAILED), then re-raised so that Optuna marks the trial FAIL; the
+    sweep catches them and goes on. Pruned trials end their run KILLED with the tag ``pruned=true``.
+    """
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        *,
+        sequence_order: list[str] | None,
+        output_root: Path,
+        tracker: StudyTracker,
+        parent_run_id: str,
+        backbones: BackbonePool | None = None,
+        runner: PipelineRunner | None = None,
+        extra_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.sequence_order = sequence_order
+        self.output_root = Path(output_root)
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.backbones = backbones if backbones is not None else BackbonePool()
+        self.runner = runner
+        self.extra_overrides = dict(extra_overrides or {})
+        self._caches: dict[str, Any] = {}
+        self._sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+
+    def _cache_for(self, config: Any) -> Any:
+        """One FeatureCache per cache setting for the worker's lifetime (the files are shared on disk)."""
+        from harness.pipeline import build_cache
+
+        key = json.dumps(config.to_dict()["cache"], sort_keys=True, default=str)
+        if key not in self._caches:
+            self._caches[key] = build_cache(config)
+        return self._caches[key]
+
+    def _settings(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        nested: dict[str, Any] = {}
+        for dotted, value in (self.spec.trial_overrides(params) | self.extra_overrides).items():
+            _set_dotted(nested, dotted, value)
+        return nested
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        close_stale_runs(trial.study, self.tracker)
+        params = {name: param.suggest(trial) for name, param in self.spec.search_space.items()}
+        output_dir = self.output_root / self.spec.name / f"trial-{trial.number}"
+        trial.set_user_attr("output_dir", str(output_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+
+        run = None
+        status, error = "FAILED", None
+        try:
+            try:
+                config = self.spec.build_config(
+                    params, output_dir=output_dir, sequences=self.sequence_order
+                ).with_overrides(self.extra_overrides)
+            except Exception:
+                run = self.tracker.start_trial(
+                    self.parent_run_id, trial.number, params, UnbuiltSettings(self._settings(params))
+                )
+                raise
+            run = self.tracker.start_trial(self.parent_run_id, trial.number, params, config)
+            value = self._run_trial(trial, config, run)
+            status = "FINISHED"
+            return value
+        except optuna.TrialPruned:
+            status = "KILLED"
+            if run is not None:
+                run.set_tags({"pruned": "true"})
+            raise
+        except Exception as failure:
+            error = error_text(failure)
+            trial.set_user_attr("error", error)
+            release_accelerator_memory()
+            raise
+        except BaseException as interrupt:  # KeyboardInterrupt, SystemExit: the worker is stopping
+            status, error = "KILLED", error_text(interrupt)
+            raise
+        finally:
+            if run is not None:
+                run.end(status, error=error)
+
+    def _run_trial(self, trial: Any, config: Any, run: Any) -> float:
+        import optuna
+
+        runner = self.runner
+        if runner is None:
+            from harness.pipeline import run as runner
+
+        pruning = self.spec.pruning.enabled
+
+        def on_sequence(outcome: Any) -> None:
+            run.log_sequence(outcome)
+            if self._sleep > 0:
+                time.sleep(self._sleep)
+            if outcome.jf is None:
+                return
+            trial.report(float(outcome.jf), step=int(outcome.index))
+            if pruning and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after sequence {outcome.index} ({outcome.name})")
+
+        result = runner(
+            config,
+            backbone=self.backbones.get(config),
+            cache=self._cache_for(config),
+            on_sequence=on_sequence,
+        )
+        run.log_result(result)
+        metric = self.spec.objective.metric
+        if result.metrics is None:
+            raise ConfigError(
+                f"dataset {config.dataset.root} ({config.dataset.split}) has no full ground truth, so the "
+                f"objective {metric} cannot be computed; use an annotated split such as val"
+            )
+        if metric not in result.metrics:
+            raise ConfigError(
+                f"objective metric {metric!r} is not computed; available: {', '.join(result.metrics)}"
+            )
+        trial.set_user_attr("metrics", {k: float(v) for k, v in result.metrics.items()})
+        trial.set_user_attr("resolved", {"timestep": int(result.timestep), "layer": result.layer})
+        return float(result.metrics[metric])
