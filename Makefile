@@ -1,7 +1,9 @@
 # Everyday commands. Override PYTHON to use another interpreter (default: the project's .venv).
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+BIN ?= $(if $(wildcard .venv/bin/python),.venv/bin/,)
 STUDY ?= quickstart
 WORKERS ?= 1
+STORAGE ?= studies-storage/$(STUDY).journal
 TORCH_VERSION ?= 2.13.0
 
 .PHONY: setup quickstart test lint sweep leaderboard ui dashboard bench synth clean
@@ -36,7 +38,8 @@ ui:
 	$(PYTHON) -m mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 dashboard:
-	$(PYTHON) -m optuna_dashboard --host 127.0.0.1 --port 8080 $(STORAGE)
+	$(BIN)optuna-dashboard --host 127.0.0.1 --port 8080 \
+		$(if $(findstring ://,$(STORAGE)),,--storage-class JournalFileStorage) $(STORAGE)
 
 bench:
 	$(PYTHON) -m harness.cli bench all
