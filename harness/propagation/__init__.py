@@ -2,14 +2,14 @@
 
 from harness.propagation.affinity import (
     SIMILARITIES,
-    KeyStrip,
     PropagationWorkspace,
     QueryBlock,
     check_propagation_params,
-    normalise_channels_last,
     plan_blocks,
     propagate_frame,
     propagate_prepared,
+    unit_memory,
+    unit_query,
 )
 from harness.propagation.memory import (
     PropagationSettings,
@@ -21,17 +21,17 @@ from harness.propagation.memory import (
 
 __all__ = [
     "SIMILARITIES",
-    "KeyStrip",
     "PropagationSettings",
     "PropagationWorkspace",
     "QueryBlock",
     "check_propagation_params",
     "labels_to_onehot",
-    "normalise_channels_last",
     "plan_blocks",
     "propagate_frame",
     "propagate_prepared",
     "propagate_sequence",
     "resize_labels_nearest",
     "soft_to_labels",
+    "unit_memory",
+    "unit_query",
 ]

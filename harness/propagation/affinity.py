@@ -5,10 +5,12 @@ features, affinity exp(similarity / T), a local (2r+1) x (2r+1) window, top-k ov
 frames jointly (ties with the k-th kept), weights normalised to sum 1, and a weighted sum of memory masks.
 
 The released code builds the dense (N*h*w) x (h*w) affinity; at DAVIS scale that is several GB and most of
-it is zeroed by the window. Here the query grid is cut into small rectangular tiles; each tile is matched
-with one matrix product against only the key rectangle its windows can reach (in every memory frame), so
-work and memory scale with the window area instead of the grid area. Everything is computed in logit space
-(log of the affinity): top-k on logits is the same as top-k on exp(logits), and subtracting the per-query
+it is zeroed by the window. Here the query grid is cut into small rectangular blocks, and each block is
+matched with one matrix product against only the key rectangle its windows can reach (in every memory
+frame), so work and memory scale with the window area instead of the grid area. The memory is kept
+position-major, (h, w, N, C); the blocks of one block column share a contiguous copy of their key columns
+(a strip), in which any run of key rows is one (keys x C) matrix. Everything is computed in logit space
+(log of the affinity): top-k on logits is the same as top-k on exp(logits), and subtracting each query's
 maximum before exp cancels in the normalisation while avoiding overflow and underflow.
 """
 
@@ -23,18 +25,18 @@ from harness.errors import ConfigError
 
 SIMILARITIES = ("cosine", "l2", "l1")
 
-#: The working set (key strip + per-tile logits) that one call aims to stay under.
+#: The working set (a key strip plus one block's logits) that planning keeps under.
 DEFAULT_BUDGET_BYTES = 256 * 2**20
 
-#: Query tile (rows, columns) for windowed propagation. A tile of q_h x q_w queries is matched with
-#: (q_h + 2r) x (q_w + 2r) keys per memory frame, so small tiles waste few products on keys outside the
-#: windows, while large tiles make bigger (faster) matrix products and fewer kernel launches. 8 x 8 was
-#: the fastest of the shapes measured on CPU at DAVIS scale (r = 15); larger tiles suit a GPU better.
+#: Query block (rows, columns) for windowed propagation. A block of b_h x b_w queries is matched with
+#: (b_h + 2r) x (b_w + 2r) keys per memory frame, so small blocks waste few products on keys outside the
+#: windows, while large blocks make bigger (faster) products and fewer calls. 8 x 8 was among the fastest
+#: shapes measured on CPU at DAVIS scale (r = 15); on CUDA kernel launches cost more, so blocks are larger.
 DEFAULT_TILE = (8, 8)
 DEFAULT_CUDA_TILE = (16, 16)
 
 _FLOAT_BYTES = 4
-#: Bytes per (query, key) pair during one tile: the key-major logits and their query-major copy.
+#: Bytes per (query, key) pair of one block: the key-major logits and their query-major copy.
 _PAIR_BYTES = 2 * _FLOAT_BYTES
 
 _NORMALISE_EPS = 1e-12  # the eps of torch.nn.functional.normalize
@@ -62,7 +64,7 @@ class QueryBlock:
     """A rectangle of query positions and the rectangle of key positions their windows reach.
 
     Ranges are half-open (start, stop) in grid coordinates. ``windowed`` is False when every key of the
-    key rectangle is inside every query's window, so no mask is needed.
+    key rectangle is inside every query's window (no window, or one that spans the grid): no mask needed.
     """
 
     query_rows: tuple[int, int]
@@ -83,15 +85,15 @@ class QueryBlock:
 
 @dataclass(frozen=True)
 class KeyStrip:
-    """Key rows x columns copied once (all memory frames) and shared by the blocks that lie inside it.
+    """Key rows x columns (all memory frames) copied once and shared by the blocks whose keys lie inside.
 
-    ``copied`` is False when the strip is the whole grid: the memory is then used in place.
+    ``whole_grid`` strips need no copy when the memory is contiguous: it is then used in place.
     """
 
     key_rows: tuple[int, int]
     key_cols: tuple[int, int]
     blocks: tuple[QueryBlock, ...]
-    copied: bool
+    whole_grid: bool
 
     @property
     def num_key_positions(self) -> int:
@@ -99,18 +101,17 @@ class KeyStrip:
 
 
 def strip_bytes(strip: KeyStrip, n_memory: int, channels: int, n_classes: int) -> int:
-    """Bytes of the copy of a strip's features and masks (0 when the memory is used in place)."""
-    if not strip.copied:
-        return 0
+    """Bytes of a strip's copy (features and masks)."""
     return strip.num_key_positions * n_memory * (channels + n_classes) * _FLOAT_BYTES
 
 
 def block_bytes(block: QueryBlock, n_memory: int) -> int:
-    """Bytes of the (queries x keys) matrices one block needs at once."""
+    """Bytes of the (keys x queries) matrices one block needs at once."""
     return block.num_queries * block.num_key_positions * n_memory * _PAIR_BYTES
 
 
-def _window_range(start: int, stop: int, radius: int, size: int) -> tuple[int, int]:
+def _reach(start: int, stop: int, radius: int, size: int) -> tuple[int, int]:
+    """The half-open range of positions within ``radius`` of [start, stop), clipped to the grid."""
     return max(0, start - radius), min(size, stop + radius)
 
 
@@ -125,13 +126,13 @@ def plan_blocks(
     tile: tuple[int, int] = DEFAULT_TILE,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> list[KeyStrip]:
-    """Cut the query grid into blocks grouped by key strip so the working set stays within the budget.
+    """Cut the query grid into blocks, grouped by key strip, so the working set stays within the budget.
 
-    With a window that does not cover the whole grid, queries are tiled ``tile`` (rows, cols); the tiles of
-    one tile column share a column strip of keys, copied in row groups that fit half the budget. Without a
-    window (radius 0, or a radius that reaches across the grid) every key is needed by every query, so the
-    memory is used in place and queries are processed in bands of rows that fit the budget. A single tile or
-    row is never split, so a tiny budget is exceeded rather than refused.
+    Without a window (radius 0, or one that spans the grid) every query needs every key: one whole-grid
+    strip, queries in bands of rows whose logits fit the budget. With a window, queries are tiled ``tile``
+    (rows, cols), halved while one tile's logits or keys would take more than half the budget; the blocks
+    of one tile column share a column strip of keys, cut into row groups that fit the other half. A single
+    row or position is never split, so a tiny budget is exceeded rather than refused.
     """
     if radius == 0 or (radius >= height - 1 and radius >= width - 1):
         row_bytes = width * height * width * n_memory * _PAIR_BYTES
@@ -140,32 +141,32 @@ def plan_blocks(
             QueryBlock((y0, min(height, y0 + band)), (0, width), (0, height), (0, width), windowed=False)
             for y0 in range(0, height, band)
         )
-        return [KeyStrip((0, height), (0, width), blocks, copied=False)]
+        return [KeyStrip((0, height), (0, width), blocks, whole_grid=True)]
 
-    tile_rows, tile_cols = max(1, tile[0]), max(1, tile[1])
+    tile_rows, tile_cols = max(1, min(tile[0], height)), max(1, min(tile[1], width))
+    while tile_rows * tile_cols > 1:
+        key_positions = min(height, tile_rows + 2 * radius) * min(width, tile_cols + 2 * radius)
+        logits = tile_rows * tile_cols * key_positions * n_memory * _PAIR_BYTES
+        keys = key_positions * n_memory * (channels + n_classes) * _FLOAT_BYTES
+        if max(logits, keys) <= budget_bytes // 2:
+            break
+        if tile_rows >= tile_cols:
+            tile_rows = (tile_rows + 1) // 2
+        else:
+            tile_cols = (tile_cols + 1) // 2
+
     strips: list[KeyStrip] = []
     for x0 in range(0, width, tile_cols):
         x1 = min(width, x0 + tile_cols)
-        key_cols = _window_range(x0, x1, radius, width)
-        column_blocks = [
-            QueryBlock(
-                (y0, min(height, y0 + tile_rows)),
-                (x0, x1),
-                _window_range(y0, min(height, y0 + tile_rows), radius, height),
-                key_cols,
-                windowed=True,
-            )
-            for y0 in range(0, height, tile_rows)
-        ]
-        strip_budget = budget_bytes // 2
+        key_cols = _reach(x0, x1, radius, width)
         bytes_per_key_row = (key_cols[1] - key_cols[0]) * n_memory * (channels + n_classes) * _FLOAT_BYTES
         group: list[QueryBlock] = []
-        for block in column_blocks:
-            if group:
-                rows_if_added = block.key_rows[1] - group[0].key_rows[0]
-                if rows_if_added * bytes_per_key_row > strip_budget:
-                    strips.append(_strip_of(group))
-                    group = []
+        for y0 in range(0, height, tile_rows):
+            y1 = min(height, y0 + tile_rows)
+            block = QueryBlock((y0, y1), (x0, x1), _reach(y0, y1, radius, height), key_cols, windowed=True)
+            if group and (block.key_rows[1] - group[0].key_rows[0]) * bytes_per_key_row > budget_bytes // 2:
+                strips.append(_strip_of(group))
+                group = []
             group.append(block)
         strips.append(_strip_of(group))
     return strips
@@ -173,25 +174,44 @@ def plan_blocks(
 
 def _strip_of(blocks: list[QueryBlock]) -> KeyStrip:
     rows = (blocks[0].key_rows[0], blocks[-1].key_rows[1])
-    return KeyStrip(rows, blocks[0].key_cols, tuple(blocks), copied=True)
+    return KeyStrip(rows, blocks[0].key_cols, tuple(blocks), whole_grid=False)
 
 
 # -- computation ----------------------------------------------------------------------------------------
 
 
-def normalise_channels_last(features: torch.Tensor) -> torch.Tensor:
-    """Unit-length float32 feature vectors along C, laid out (..., h, w, C) so each position is a matrix row.
-
-    ``features`` is (..., C, h, w). The division writes straight into the channels-last result (one pass);
-    zero vectors stay zero, as with torch.nn.functional.normalize.
-    """
-    features = features.to(torch.float32)
-    norms = torch.linalg.vector_norm(features, dim=-3, keepdim=True).clamp_min_(_NORMALISE_EPS)
-    dims = features.dim()
-    order = (*range(dims - 3), dims - 2, dims - 1, dims - 3)
-    result = torch.empty([features.shape[d] for d in order], dtype=torch.float32, device=features.device)
-    torch.div(features, norms, out=result.permute(*[order.index(d) for d in range(dims)]))
+def unit_query(query: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) features -> (h, w, C) float32 unit vectors, bit for bit those of F.normalize(dim=0)."""
+    channels, height, width = query.shape
+    query = query.to(torch.float32)
+    result = torch.empty((height, width, channels), dtype=torch.float32, device=query.device)
+    # a 2-D transpose copy takes the fast blocked path; a 3-D permuted copy does not
+    result.view(-1, channels).copy_(query.reshape(channels, -1).t())
+    result.view(-1, channels).div_(_channel_norms(query, dim=0).reshape(-1, 1))
     return result
+
+
+def unit_memory(memory: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) features -> position-major (h, w, N, C) float32 unit vectors, bit for bit those of
+    F.normalize(dim=1)."""
+    n_memory, channels, height, width = memory.shape
+    memory = memory.to(torch.float32)
+    norms = _channel_norms(memory, dim=1).reshape(n_memory, -1, 1)
+    result = torch.empty((height, width, n_memory, channels), dtype=torch.float32, device=memory.device)
+    frame = torch.empty((height * width, channels), dtype=torch.float32, device=memory.device)
+    for index in range(n_memory):  # frame by frame, so each transpose is 2-D (see unit_query)
+        frame.copy_(memory[index].reshape(channels, -1).t()).div_(norms[index])
+        result[:, :, index] = frame.view(height, width, channels)
+    return result
+
+
+def _channel_norms(features: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norms over ``dim`` exactly as F.normalize computes them (same reduction, same layout).
+
+    Bit-exact unit vectors matter: top-k is discontinuous, and a 1-ulp difference in a norm moves a few
+    near-tied k-th affinities per DAVIS frame to the other side of the cut compared with the released code.
+    """
+    return features.norm(2, dim, keepdim=True).clamp_min_(_NORMALISE_EPS)
 
 
 @dataclass
@@ -214,30 +234,13 @@ class PropagationWorkspace:
         return current[:numel]
 
 
-def _key_major_logits(
-    queries: torch.Tensor, keys: torch.Tensor, similarity: str, temperature: float, out: torch.Tensor
-) -> torch.Tensor:
-    """log(affinity) of unit vectors as a (K, Q) matrix, from queries (Q, C) and keys (K, C).
-
-    Key-major because (many keys) x C times C x (few queries) is the faster product shape on CPU BLAS.
-    For cosine the 1/T is folded into the (small) query matrix, saving a pass over the product.
-    """
-    if similarity == "l1":
-        return torch.cdist(keys, queries, p=1).mul_(-1.0 / temperature)
-    if similarity == "cosine":
-        return torch.mm(keys, queries.t().mul(1.0 / temperature), out=out)
-    # l2: ||a - b|| = sqrt(2 - 2 <a, b>) for unit vectors
-    dots = torch.mm(keys, queries.t(), out=out)
-    return dots.mul_(-2.0).add_(2.0).clamp_min_(0.0).sqrt_().mul_(-1.0 / temperature)
-
-
 def _window_bias(
     block: QueryBlock, radius: int, device: torch.device, workspace: PropagationWorkspace
 ) -> torch.Tensor:
-    """0 inside each query's window and -inf outside, as (key rows, 1, key cols, Q).
+    """0 inside each query's window and -inf outside, as (key rows, key cols, 1, Q).
 
-    The 1 broadcasts over the memory frames of the strip layout (key rows, N, key cols); the window is
-    separable, so it is built from one (query, key) comparison per axis. It depends only on where the
+    The 1 broadcasts over the memory frames of the key order (row, column, frame); the window is
+    separable, so it is built from one (key, query) comparison per axis. It depends only on where the
     queries sit relative to the key rectangle, so interior blocks (and frames) share one cached tensor.
     """
     (kr0, kr1), (kc0, kc1) = block.key_rows, block.key_cols
@@ -247,20 +250,40 @@ def _window_bias(
         far_y = (torch.arange(kr0, kr1)[:, None] - torch.arange(qr0, qr1)[None, :]).abs() > radius
         far_x = (torch.arange(kc0, kc1)[:, None] - torch.arange(qc0, qc1)[None, :]).abs() > radius
         far = far_y[:, None, :, None] | far_x[None, :, None, :]  # (kh, kw, qh, qw)
-        far = far.reshape(kr1 - kr0, 1, kc1 - kc0, block.num_queries)
+        far = far.reshape(kr1 - kr0, kc1 - kc0, 1, block.num_queries)
         bias = torch.zeros(far.shape, dtype=torch.float32).masked_fill_(far, float("-inf"))
         workspace.window_biases[key] = bias.to(device)
     return workspace.window_biases[key]
 
 
+def _fill_logits(
+    out: torch.Tensor, keys: torch.Tensor, queries_t: torch.Tensor, similarity: str, temperature: float
+) -> None:
+    """Write log(affinity) of keys (K, C) against queries (C, q) into ``out`` (K, q).
+
+    Key-major because (many keys) x C times C x (few queries) is the faster product shape on CPU BLAS.
+    The dot product is divided by T afterwards, as the released code does (multiplying by 1/T, or scaling
+    the queries first, rounds differently and moves near-ties across the top-k cut).
+    """
+    if similarity == "l1":
+        distances = torch.cdist(keys, queries_t.t().contiguous(), p=1)
+        torch.div(distances, -temperature, out=out)
+        return
+    torch.mm(keys, queries_t, out=out)
+    if similarity == "l2":  # ||a - b|| = sqrt(2 - 2 <a, b>) for unit vectors
+        out.mul_(-2.0).add_(2.0).clamp_min_(0.0).sqrt_().neg_()
+    out.div_(temperature)
+
+
 def _weighted_masks(logits: torch.Tensor, masks: torch.Tensor, topk: int) -> torch.Tensor:
-    """Keep each row's logits >= its k-th largest (ties kept), normalise exp over them, mix the masks.
+    """Keep each row's keys whose affinity is >= its k-th largest (ties kept), normalise, mix the masks.
 
     ``logits`` is (Q, K) and ``masks`` (K, K+1); returns (Q, K+1). Keys masked to -inf are invalid: if
     fewer than k are finite, the k-th value is -inf, all finite keys are among the top k, and exp(-inf) = 0
-    gives the others no weight. The (k+1)-th largest tells which rows have a tie at the k-th place (it then
-    equals the k-th); every other row is exactly its top k and is mixed from the top-k indices alone, and
-    only the tied rows (rare) go through the full row.
+    gives the others no weight. Ties are judged on the float32 affinities exp(logit), as the released code
+    compares them: two logits a rounding apart can share one affinity. The (k+1)-th largest tells which
+    rows have such a tie at the k-th place; every other row is exactly its top k, mixed from the top-k
+    indices alone, and only the tied rows (rare) go through the full row.
     """
     n_keys = logits.shape[1]
     k = min(topk, n_keys)
@@ -270,11 +293,19 @@ def _weighted_masks(logits: torch.Tensor, masks: torch.Tensor, topk: int) -> tor
     weights = (values - row_max).exp_()
     mixed = torch.einsum("qk,qkc->qc", weights, masks[indices]).div_(weights.sum(dim=1, keepdim=True))
     if k < n_keys:
-        tied = ((top.values[:, k:] == kth) & torch.isfinite(kth)).squeeze(1)
-        tied_rows = torch.nonzero(tied).squeeze(1)
+        after = top.values[:, k:]
+        kth_affinity = kth.exp()
+        # affinities compare as the released code's only while they are normal floats; where exp over- or
+        # underflows (extreme T, where the released code divides inf or 0 by itself), logits compare
+        by_affinity = torch.isfinite(kth_affinity) & (kth_affinity > 0)
+        tied = torch.where(by_affinity, after.exp() == kth_affinity, after == kth) & torch.isfinite(kth)
+        tied_rows = torch.nonzero(tied.squeeze(1)).squeeze(1)
         if tied_rows.numel() > 0:
-            rows, rows_kth, rows_max = logits[tied_rows], kth[tied_rows], row_max[tied_rows]
-            full = (rows - rows_max).masked_fill_(rows < rows_kth, float("-inf")).exp_()
+            rows, rows_max = logits[tied_rows], row_max[tied_rows]
+            below = torch.where(
+                by_affinity[tied_rows], rows.exp() < kth_affinity[tied_rows], rows < kth[tied_rows]
+            )
+            full = (rows - rows_max).masked_fill_(below, float("-inf")).exp_()
             mixed[tied_rows] = torch.mm(full, masks).div_(full.sum(dim=1, keepdim=True))
     return mixed
 
@@ -294,15 +325,19 @@ def propagate_prepared(
     radius: int,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     tile: tuple[int, int] | None = None,
+    rows_per_product: int | None = None,
     workspace: PropagationWorkspace | None = None,
 ) -> torch.Tensor:
     """The propagation on prepared tensors; returns the soft output as (h, w, K+1).
 
-    ``query`` (h, w, C) and ``memory_feats`` (N, h, w, C) hold unit vectors (see normalise_channels_last)
-    and ``memory_masks`` is (N, h, w, K+1), all float32 on one device. The sequence loop keeps its memory
-    in this layout so nothing is normalised or re-laid-out twice. Arguments are not validated here.
+    ``query`` (h, w, C) and ``memory_feats`` (h, w, N, C) hold unit vectors (see unit_query, unit_memory),
+    ``memory_masks`` is (h, w, N, K+1); all float32 on one device. The memory may be a view of the first N
+    frames of a larger ring buffer (h, w, slots, C). ``rows_per_product`` splits a block's key rows into
+    several matrix products, each with only the query rows those key rows reach (1 = exactly the window's
+    rows: fewer multiply-adds but many more, smaller calls); by default each block is one product.
+    Arguments are not validated here.
     """
-    n_memory, height, width, channels = memory_feats.shape
+    height, width, n_memory, channels = memory_feats.shape
     n_classes = memory_masks.shape[-1]
     device = memory_feats.device
     workspace = workspace if workspace is not None else PropagationWorkspace()
@@ -316,47 +351,89 @@ def propagate_prepared(
         tile=tile or default_tile(device),
         budget_bytes=budget_bytes,
     )
-    largest_strip = max(strip.num_key_positions * n_memory if strip.copied else 0 for strip in strips)
+    in_place = memory_feats.is_contiguous() and memory_masks.is_contiguous()
+    largest_strip = max(0 if s.whole_grid and in_place else s.num_key_positions for s in strips) * n_memory
     feat_buffer = workspace.buffer("strip_feats", largest_strip * channels, device)
     mask_buffer = workspace.buffer("strip_masks", largest_strip * n_classes, device)
-    largest_block = max(b.num_queries * b.num_key_positions * n_memory for s in strips for b in s.blocks)
+    largest_block = max(b.num_queries * b.num_key_positions for s in strips for b in s.blocks) * n_memory
     key_major_buffer = workspace.buffer("key_major", largest_block, device)
     query_major_buffer = workspace.buffer("query_major", largest_block, device)
     output = torch.empty((height, width, n_classes), dtype=torch.float32, device=device)
 
     for strip in strips:
-        if strip.copied:
-            # (rows, N, cols, C): any run of consecutive rows is then one contiguous (keys x C) matrix
-            (r0, r1), (c0, c1) = strip.key_rows, strip.key_cols
-            shape = (r1 - r0, n_memory, c1 - c0)
+        (sr0, sr1), (sc0, sc1) = strip.key_rows, strip.key_cols
+        if strip.whole_grid and in_place:
+            strip_feats, strip_masks = memory_feats, memory_masks
+        else:  # contiguous (rows, cols, N, ...): any run of its rows is one (keys x C) matrix
+            shape = (sr1 - sr0, sc1 - sc0, n_memory)
             size = shape[0] * shape[1] * shape[2]
             strip_feats = feat_buffer[: size * channels].view(*shape, channels)
-            strip_feats.copy_(memory_feats[:, r0:r1, c0:c1].permute(1, 0, 2, 3))
+            strip_feats.copy_(memory_feats[sr0:sr1, sc0:sc1])
             strip_masks = mask_buffer[: size * n_classes].view(*shape, n_classes)
-            strip_masks.copy_(memory_masks[:, r0:r1, c0:c1].permute(1, 0, 2, 3))
-        else:  # the whole grid, in the memory's own (N, h, w) order
-            keys = memory_feats.reshape(-1, channels)
-            key_masks = memory_masks.reshape(-1, n_classes)
+            strip_masks.copy_(memory_masks[sr0:sr1, sc0:sc1])
         for block in strip.blocks:
-            if strip.copied:
-                rows = slice(block.key_rows[0] - strip.key_rows[0], block.key_rows[1] - strip.key_rows[0])
-                keys = strip_feats[rows].reshape(-1, channels)
-                key_masks = strip_masks[rows].reshape(-1, n_classes)
+            mixed = _propagate_block(
+                block,
+                query,
+                strip_feats[block.key_rows[0] - sr0 : block.key_rows[1] - sr0],
+                strip_masks[block.key_rows[0] - sr0 : block.key_rows[1] - sr0],
+                key_major_buffer,
+                query_major_buffer,
+                similarity=similarity,
+                temperature=temperature,
+                topk=topk,
+                radius=radius,
+                rows_per_product=rows_per_product,
+                workspace=workspace,
+            )
             (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
-            n_queries, n_keys = block.num_queries, keys.shape[0]
-            queries = query[qr0:qr1, qc0:qc1].reshape(n_queries, channels)
-            key_major = key_major_buffer[: n_keys * n_queries].view(n_keys, n_queries)
-            logits = _key_major_logits(queries, keys, similarity, temperature, out=key_major)
-            if block.windowed:
-                n_rows = block.key_rows[1] - block.key_rows[0]
-                bias = _window_bias(block, radius, device, workspace)
-                logits.view(n_rows, n_memory, -1, n_queries).add_(bias)
-            # top-k runs along rows; a blocked transpose copy is cheaper than top-k across a strided dim
-            query_major = query_major_buffer[: n_keys * n_queries].view(n_queries, n_keys)
-            query_major.copy_(logits.t())
-            mixed = _weighted_masks(query_major, key_masks, topk)
             output[qr0:qr1, qc0:qc1] = mixed.view(qr1 - qr0, qc1 - qc0, n_classes)
     return output
+
+
+def _propagate_block(
+    block: QueryBlock,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    key_masks: torch.Tensor,
+    key_major_buffer: torch.Tensor,
+    query_major_buffer: torch.Tensor,
+    *,
+    similarity: str,
+    temperature: float,
+    topk: int,
+    radius: int,
+    rows_per_product: int | None,
+    workspace: PropagationWorkspace,
+) -> torch.Tensor:
+    """Soft output (Q, K+1) of one block; ``keys`` (kh, kw, N, C) and ``key_masks`` are contiguous."""
+    (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
+    kr0, kr1 = block.key_rows
+    key_rows, key_cols, n_memory, channels = keys.shape
+    n_queries, block_width = block.num_queries, qc1 - qc0
+    n_keys = key_rows * key_cols * n_memory
+    queries_t = query[qr0:qr1, qc0:qc1].reshape(n_queries, channels).t().contiguous()
+    key_major = key_major_buffer[: n_keys * n_queries].view(key_rows, -1, n_queries)
+    step = key_rows if rows_per_product is None else max(1, rows_per_product)
+    for row0 in range(kr0, kr1, step):
+        row1 = min(kr1, row0 + step)
+        # the query rows whose windows reach key rows [row0, row1): a contiguous range of columns
+        first, last = (max(qr0, row0 - radius), min(qr1, row1 + radius)) if block.windowed else (qr0, qr1)
+        start, stop = (first - qr0) * block_width, (last - qr0) * block_width
+        target = key_major[row0 - kr0 : row1 - kr0].view(-1, n_queries)
+        if start > 0:
+            target[:, :start].fill_(float("-inf"))
+        if stop < n_queries:
+            target[:, stop:].fill_(float("-inf"))
+        row_keys = keys[row0 - kr0 : row1 - kr0].view(-1, channels)
+        _fill_logits(target[:, start:stop], row_keys, queries_t[:, start:stop], similarity, temperature)
+    if block.windowed:
+        bias = _window_bias(block, radius, keys.device, workspace)
+        key_major.view(key_rows, key_cols, n_memory, n_queries).add_(bias)
+    # top-k runs along rows: one blocked transpose copy beats top-k across a strided dimension
+    query_major = query_major_buffer[: n_keys * n_queries].view(n_queries, n_keys)
+    query_major.copy_(key_major.view(n_keys, n_queries).t())
+    return _weighted_masks(query_major, key_masks.view(n_keys, -1), topk)
 
 
 def propagate_frame(
@@ -378,9 +455,9 @@ def propagate_frame(
     check_propagation_params(similarity, temperature, topk, radius)
     _check_shapes(query, memory_feats, memory_masks)
     soft = propagate_prepared(
-        normalise_channels_last(query),
-        normalise_channels_last(memory_feats),
-        memory_masks.to(torch.float32).permute(0, 2, 3, 1).contiguous(),
+        unit_query(query),
+        unit_memory(memory_feats),
+        memory_masks.to(torch.float32).permute(2, 3, 0, 1).contiguous(),
         similarity=similarity,
         temperature=float(temperature),
         topk=topk,

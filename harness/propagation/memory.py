@@ -21,8 +21,8 @@ from harness.errors import ConfigError, DataError
 from harness.propagation.affinity import (
     PropagationWorkspace,
     check_propagation_params,
-    normalise_channels_last,
     propagate_prepared,
+    unit_query,
 )
 
 #: Written masks are uint8 channel indices.
@@ -217,28 +217,29 @@ def _propagate(
     progress: bool,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """The generator behind propagate_sequence (split off so argument errors raise at call time)."""
-    first = normalise_channels_last(read(0))
+    first = unit_query(read(0))
     height, width, channels = first.shape
     device = first.device
     # the memory never holds more previous frames than the sequence has before its last frame
     n_previous = min(settings.n_last_frames, max(read.num_frames - 2, 0))
     slots = 1 + n_previous
-    memory_feats = torch.empty((slots, height, width, channels), dtype=torch.float32, device=device)
-    memory_masks = torch.empty((slots, height, width, num_classes), dtype=torch.float32, device=device)
-    memory_feats[0] = first
+    # position-major ring buffers (h, w, slot, ...), the layout propagate_prepared multiplies in place
+    memory_feats = torch.empty((height, width, slots, channels), dtype=torch.float32, device=device)
+    memory_masks = torch.empty((height, width, slots, num_classes), dtype=torch.float32, device=device)
+    memory_feats[:, :, 0] = first
     onehot = labels_to_onehot(first_labels, num_classes, (height, width), device=device)
-    memory_masks[0] = onehot.permute(1, 2, 0)
+    memory_masks[:, :, 0] = onehot.permute(1, 2, 0)
     filled = 1
     del first
     workspace = PropagationWorkspace()
 
     frames = range(1, read.num_frames)
     for t in tqdm(frames, desc="propagating", unit="frame", disable=not progress, leave=False):
-        query = normalise_channels_last(read(t))
+        query = unit_query(read(t))
         soft = propagate_prepared(
             query,
-            memory_feats[:filled],
-            memory_masks[:filled],
+            memory_feats[:, :, :filled],
+            memory_masks[:, :, :filled],
             similarity=settings.similarity,
             temperature=float(settings.temperature),
             topk=settings.topk,
@@ -249,7 +250,7 @@ def _propagate(
             # FIFO over slots 1..n_previous: frame t replaces frame t - n_previous (slot order is irrelevant,
             # the propagation treats the memory as a set)
             slot = 1 + (t - 1) % n_previous
-            memory_feats[slot] = query
-            memory_masks[slot] = soft
+            memory_feats[:, :, slot] = query
+            memory_masks[:, :, slot] = soft
             filled = min(filled + 1, slots)
         yield t, soft_to_labels(soft.permute(2, 0, 1), input_size, output_size)
