@@ -4,11 +4,17 @@ Every (frame, layer) pair is looked up first; only frames with a missing layer a
 through the backbone in batches, one forward pass per batch for all of their missing layers. A sweep over
 propagation settings therefore never touches the network or the frame files once the cache is warm, and
 a layer sweep computes each frame once for all layers that one call asks for.
+
+The next batch of frames is decoded on a background thread while the backbone runs on the current one, so
+JPEG decoding and resizing hide behind the forward pass. A CUDA out-of-memory error halves the batch once;
+a second one ends the call with a HarnessError that names the batch size, so a sweep's trial fails cleanly
+instead of taking the worker down.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +82,48 @@ class _StackedOutputs:
         return out
 
 
+_Batch = list[tuple[int, list[LayerKey]]]
+"""(frame index, layers missing from the cache) for each frame of one backbone batch."""
+
+
+class _OutOfMemoryRetry:
+    """Halves the batch once after a CUDA out-of-memory error; a second one fails the call cleanly.
+
+    The smaller batch stays in force for the rest of the sequence: the batch that failed is no larger than
+    the ones after it, so they would fail too.
+    """
+
+    def __init__(self, sequence: str) -> None:
+        self.sequence = sequence
+        self.reduced_size: int | None = None
+        self.first_failure: int | None = None
+
+    def chunk_size(self, batch_length: int) -> int:
+        return batch_length if self.reduced_size is None else min(batch_length, self.reduced_size)
+
+    def record_failure(self, failed_size: int, error: BaseException) -> None:
+        """Called inside the except block: halve, or raise HarnessError if that is no longer possible."""
+        advice = "lower backbone.batch_size, the ensemble size or the input size"
+        if self.first_failure is not None:
+            raise HarnessError(
+                f"CUDA out of memory extracting features of sequence {self.sequence!r} with a batch of "
+                f"{failed_size} frame(s), after halving from {self.first_failure}; {advice}"
+            ) from error
+        if failed_size == 1:
+            raise HarnessError(
+                f"CUDA out of memory extracting features of sequence {self.sequence!r} with a batch of "
+                f"1 frame; {advice}"
+            ) from error
+        self.first_failure = failed_size
+        self.reduced_size = failed_size // 2
+
+    @staticmethod
+    def release_memory() -> None:
+        """Hand the failed pass's cached blocks back once (never per frame: that would stall every batch)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def extract_sequence_features(
     backbone: Backbone,
     *,
@@ -125,28 +173,21 @@ def extract_sequence_features(
     )
     outputs = _StackedOutputs(unique_layers, len(frame_ids), sequence)
 
-    def compute(batch: list[tuple[int, list[LayerKey]]]) -> None:
+    retry = _OutOfMemoryRetry(sequence)
+
+    def load_batch(batch: _Batch) -> torch.Tensor:
         indices = [index for index, _ in batch]
-        batch_layers = list(dict.fromkeys(layer for _, missing in batch for layer in missing))
         frames = load_frames(indices)
         expected = (len(indices), 3, height, width)
         if tuple(frames.shape) != expected:
             raise ValueError(
                 f"load_frames({indices}) returned shape {tuple(frames.shape)}, expected {expected}"
             )
-        with torch.no_grad():
-            computed = backbone.extract(
-                frames,
-                timestep=timestep,
-                layers=batch_layers,
-                ensemble_size=ensemble_size,
-                seed=seed,
-                sequence=sequence,
-                frame_indices=indices,
-            )
-        del frames
+        return frames
+
+    def store(batch: _Batch, computed: dict[LayerKey, torch.Tensor], batch_layers: list[LayerKey]) -> None:
         for layer in batch_layers:
-            if layer not in computed or computed[layer].shape[0] != len(indices):
+            if layer not in computed or computed[layer].shape[0] != len(batch):
                 raise RuntimeError(f"backbone {backbone.name!r} did not return layer {layer} for every frame")
         for position, (index, missing) in enumerate(batch):
             for layer in missing:
@@ -157,7 +198,36 @@ def extract_sequence_features(
                     cache.put(spec.key(frame_ids[index], index, layer), features)
                 outputs.store(layer, index, features)
 
-    pending: list[tuple[int, list[LayerKey]]] = []
+    def compute(batch: _Batch, frames: torch.Tensor) -> None:
+        batch_layers = list(dict.fromkeys(layer for _, missing in batch for layer in missing))
+        start = 0
+        while start < len(batch):
+            stop = start + retry.chunk_size(len(batch))
+            part = batch[start:stop]
+            try:
+                with torch.no_grad():
+                    computed = backbone.extract(
+                        frames[start:stop],
+                        timestep=timestep,
+                        layers=batch_layers,
+                        ensemble_size=ensemble_size,
+                        seed=seed,
+                        sequence=sequence,
+                        frame_indices=[index for index, _ in part],
+                    )
+            except torch.cuda.OutOfMemoryError as error:
+                retry.record_failure(len(part), error)
+                computed = None
+            if computed is None:
+                # outside the except block, so the failed pass's tensors (held by the traceback) are freed
+                retry.release_memory()
+                continue
+            store(part, computed, batch_layers)
+            del computed
+            start = stop
+
+    batches: list[_Batch] = []
+    pending: _Batch = []
     with tqdm(total=len(frame_ids), desc=f"features {sequence}", unit="frame", disable=not progress) as bar:
         for index, frame_id in enumerate(frame_ids):
             missing: list[LayerKey] = []
@@ -172,12 +242,22 @@ def extract_sequence_features(
                 continue
             pending.append((index, missing))
             if len(pending) == batch_size:
-                compute(pending)
-                bar.update(len(pending))
+                batches.append(pending)
                 pending = []
         if pending:
-            compute(pending)
-            bar.update(len(pending))
+            batches.append(pending)
+        if batches:
+            # One worker decodes the next batch while the backbone runs on this one; at most two batches
+            # of frames are held at once.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch-frames") as prefetcher:
+                upcoming = prefetcher.submit(load_batch, batches[0])
+                for position, batch in enumerate(batches):
+                    frames = upcoming.result()
+                    if position + 1 < len(batches):
+                        upcoming = prefetcher.submit(load_batch, batches[position + 1])
+                    compute(batch, frames)
+                    del frames
+                    bar.update(len(batch))
 
     stacked = outputs.result()
     return {layer: stacked[resolved[layer]] for layer in layers}
