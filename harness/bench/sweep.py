@@ -252,14 +252,14 @@ def fill_cache_all_layers(arm: _Arm, backbone: Backbone, layers: list[int], cach
 
 
 def warm_up(backbone: Backbone, arm: _Arm, layers: list[int]) -> None:
-    """One untimed forward pass per input size: the first pass at a new shape pays one-off kernel set-up
-    (oneDNN primitives on a CPU, cuDNN autotuning on a GPU), which would otherwise land on whichever arm
-    happened to run first."""
+    """One untimed forward pass per input size at the runs' batch shape: the first pass at a new shape
+    pays one-off kernel set-up (oneDNN primitives on a CPU, cuDNN autotuning on a GPU), which would
+    otherwise land on whichever arm happened to run first."""
     dataset = open_dataset(arm.root, "val", arm.sequences)
     sizes = {sequence.frame_size() for sequence in dataset.sequences}
     for width, height in sorted(sizes):
         input_size = network_input_size(width, height, arm.short_side, backbone.size_multiple)
-        frames = torch.zeros((1, 3, *input_size))
+        frames = torch.zeros((arm.batch_size, 3, *input_size))  # the batch shape the runs will use
         backbone.extract(
             frames,
             timestep=TIMESTEP,
@@ -267,7 +267,7 @@ def warm_up(backbone: Backbone, arm: _Arm, layers: list[int]) -> None:
             ensemble_size=arm.ensemble_size,
             seed=0,
             sequence="warm-up",
-            frame_indices=[0],
+            frame_indices=list(range(arm.batch_size)),
         )
 
 
