@@ -200,8 +200,9 @@ def download_file(
             raise HarnessError(f"download of {url} is corrupt ({problem}); deleted {part}, try again")
         os.replace(part, dest)
         return dest
-    raise HarnessError(_with_hint(f"cannot download {url}: the server's answers to a resume are unusable",
-                                  offline_hint))
+    raise HarnessError(
+        _with_hint(f"cannot download {url}: the server's answers to a resume are unusable", offline_hint)
+    )
 
 
 def _finish_complete_part(url: str, part: Path, dest: Path, expected: _Expected) -> Path:
@@ -231,9 +232,16 @@ def _stream_to_part(
                 _hash_stream(stream, hashers)
             stream.seek(offset)
             stream.truncate()
-        bar = tqdm(total=total if total is not None else expected.size, initial=offset, unit="B",
-                   unit_scale=True, unit_divisor=1024, desc=part.name.removesuffix(".part"),
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            total=total if total is not None else expected.size,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+            leave=False,
+        )
         received = offset
         with bar:
             while True:

@@ -46,8 +46,17 @@ MARKDOWN_METRICS = ("J&F-Mean", "J-Mean", "F-Mean")
 MARKDOWN_ROWS = 20
 #: params that differ between trials without being a studied setting
 NON_AXIS_PARAMS = ("output_dir",)
-USUAL_AXES = ("backbone", "timestep", "layer", "temperature", "topk", "radius", "n_last_frames",
-              "similarity", "ensemble_size")
+USUAL_AXES = (
+    "backbone",
+    "timestep",
+    "layer",
+    "temperature",
+    "topk",
+    "radius",
+    "n_last_frames",
+    "similarity",
+    "ensemble_size",
+)
 
 
 def _short_name(key: str) -> str:
@@ -109,8 +118,13 @@ def _search_trial_runs(client: MlflowClient, experiment_id: str, study: str | No
     runs: list[Run] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string,
-                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -128,8 +142,9 @@ def leaderboard_from_runs(runs: list[Run]) -> pd.DataFrame:
     names = param_column_names(key for run in runs for key in run.data.params)
     param_columns = sorted(set(names.values()))
     sequence_columns = sorted({k for run in runs for k in run.data.metrics if k.startswith(SEQUENCE_PREFIX)})
-    rows: dict[str, list[object]] = {c: [] for c in [*LEAD_COLUMNS[1:], *param_columns, *METRIC_COLUMNS,
-                                                     *sequence_columns, *TRAIL_COLUMNS]}
+    rows: dict[str, list[object]] = {
+        c: [] for c in [*LEAD_COLUMNS[1:], *param_columns, *METRIC_COLUMNS, *sequence_columns, *TRAIL_COLUMNS]
+    }
     for run in runs:
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
         trial = tags.get(TAG_TRIAL, "")
@@ -145,10 +160,12 @@ def leaderboard_from_runs(runs: list[Run]) -> pd.DataFrame:
         rows["run_id"].append(run.info.run_id)
         start, end = run.info.start_time, run.info.end_time
         rows["duration_s"].append((end - start) / 1000 if end and start else math.nan)
-    table = pd.DataFrame({
-        column: _column_values(values) if column in param_columns or column == "trial" else values
-        for column, values in rows.items()
-    })
+    table = pd.DataFrame(
+        {
+            column: _column_values(values) if column in param_columns or column == "trial" else values
+            for column, values in rows.items()
+        }
+    )
     return rank(table)
 
 
@@ -162,8 +179,9 @@ def rank(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def build_leaderboard(tracking_uri: str | None, experiment: str = DEFAULT_EXPERIMENT,
-                      study: str | None = None) -> pd.DataFrame:
+def build_leaderboard(
+    tracking_uri: str | None, experiment: str = DEFAULT_EXPERIMENT, study: str | None = None
+) -> pd.DataFrame:
     """Finished trial runs of ``experiment`` (one ``study``, or all) as a ranked table.
 
     Uses the MLflow client bound to ``tracking_uri`` (None = $MLFLOW_TRACKING_URI or ``sqlite:///mlflow.db``)
@@ -194,8 +212,10 @@ def study_axes(table: pd.DataFrame) -> list[str]:
     params = [c for c in table.columns if c not in fixed and not c.startswith(SEQUENCE_PREFIX)]
     short = {c for c in params if "." not in c}
     axes = [
-        c for c in params
-        if c not in NON_AXIS_PARAMS and c.rsplit(".", 1)[-1] not in short - {c}
+        c
+        for c in params
+        if c not in NON_AXIS_PARAMS
+        and c.rsplit(".", 1)[-1] not in short - {c}
         and table[c].astype("string").nunique(dropna=True) > 1
     ]
     order = {name: i for i, name in enumerate(USUAL_AXES)}
@@ -216,8 +236,9 @@ def leaderboard_markdown(table: pd.DataFrame, top: int = MARKDOWN_ROWS) -> str:
     params = [c for c in table.columns if c not in fixed and not c.startswith(SEQUENCE_PREFIX)]
     varying = [c for c in params if table[c].astype("string").nunique(dropna=False) > 1]
     shown = [c for c in params if c in KEY_PARAMS] + [c for c in varying if c not in KEY_PARAMS]
-    columns = ["rank"] + (["study"] if table["study"].nunique() > 1 else []) + ["trial", *shown,
-                                                                                *MARKDOWN_METRICS]
+    columns = (
+        ["rank"] + (["study"] if table["study"].nunique() > 1 else []) + ["trial", *shown, *MARKDOWN_METRICS]
+    )
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for _, row in table.head(top).iterrows():
         lines.append("| " + " | ".join(_format_cell(row[c]) for c in columns) + " |")
@@ -228,8 +249,9 @@ def leaderboard_markdown(table: pd.DataFrame, top: int = MARKDOWN_ROWS) -> str:
 
 def _write_atomically(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, newline="") as handle:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, newline=""
+    ) as handle:
         temporary = Path(handle.name)
         try:
             handle.write(text)
@@ -257,8 +279,9 @@ def write_leaderboard(table: pd.DataFrame, folder: Path) -> list[Path]:
     return [csv_path, md_path]
 
 
-def export_leaderboards(tracking_uri: str | None, experiment: str, out_dir: Path,
-                        study: str | None = None) -> list[Path]:
+def export_leaderboards(
+    tracking_uri: str | None, experiment: str, out_dir: Path, study: str | None = None
+) -> list[Path]:
     """``<out_dir>/<study>/leaderboard.{csv,md}`` per study, and ``<out_dir>/leaderboard.{csv,md}`` across
     studies when ``study`` is None. Returns the files written."""
     out_dir = Path(out_dir)

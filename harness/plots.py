@@ -47,14 +47,22 @@ def _category_key(value: object) -> tuple[int, float, str]:
     return (1, 0.0, str(value))
 
 
-def draw_metric_vs_param(ax: Axes, values: Sequence[object], scores: Sequence[float], param: str,
-                         metric: str = DEFAULT_METRIC_LABEL) -> None:
+def draw_metric_vs_param(
+    ax: Axes,
+    values: Sequence[object],
+    scores: Sequence[float],
+    param: str,
+    metric: str = DEFAULT_METRIC_LABEL,
+) -> None:
     """Every trial as a dot, and the mean score per parameter value as a line.
 
     Numeric parameters use a numeric axis; anything else (layer names, similarity) is categorical.
     """
-    pairs = [(v, float(s)) for v, s in zip(values, scores, strict=True)
-             if not _is_missing(v) and not _is_missing(s) and math.isfinite(float(s))]
+    pairs = [
+        (v, float(s))
+        for v, s in zip(values, scores, strict=True)
+        if not _is_missing(v) and not _is_missing(s) and math.isfinite(float(s))
+    ]
     if not pairs:
         ax.set_title(f"{metric} vs {param} (no finished trials)")
         return
@@ -69,11 +77,20 @@ def draw_metric_vs_param(ax: Axes, values: Sequence[object], scores: Sequence[fl
     xs = [position[level] for level in level_of]
     ys = [s for _, s in pairs]
     ax.scatter(xs, ys, s=18, alpha=0.6, label="trial")
-    means = [float(np.mean([s for level_i, (_, s) in zip(level_of, pairs, strict=True) if level_i == level]))
-             for level in levels]
+    means = [
+        float(np.mean([s for level_i, (_, s) in zip(level_of, pairs, strict=True) if level_i == level]))
+        for level in levels
+    ]
     # a line between categories would suggest an order that is not there: markers only
-    ax.plot([position[level] for level in levels], means, marker="o" if numeric else "D", color="tab:red",
-            linewidth=1.5, linestyle="-" if numeric else "none", label="mean")
+    ax.plot(
+        [position[level] for level in levels],
+        means,
+        marker="o" if numeric else "D",
+        color="tab:red",
+        linewidth=1.5,
+        linestyle="-" if numeric else "none",
+        label="mean",
+    )
     if not numeric:
         ax.set_xticks([position[level] for level in levels])
         ax.set_xticklabels([str(level) for level in levels], rotation=45 if len(levels) > 6 else 0)
@@ -84,8 +101,9 @@ def draw_metric_vs_param(ax: Axes, values: Sequence[object], scores: Sequence[fl
     ax.legend(loc="best", fontsize="small")
 
 
-def metric_vs_param_figure(values: Sequence[object], scores: Sequence[float], param: str,
-                           metric: str = DEFAULT_METRIC_LABEL) -> Figure:
+def metric_vs_param_figure(
+    values: Sequence[object], scores: Sequence[float], param: str, metric: str = DEFAULT_METRIC_LABEL
+) -> Figure:
     figure = Figure(figsize=(6, 4))
     figure.subplots_adjust(left=0.12, right=0.97, bottom=0.18, top=0.91)
     draw_metric_vs_param(figure.add_subplot(), values, scores, param, metric)
@@ -104,8 +122,12 @@ def importance_figure(importances: Mapping[str, float]) -> Figure:
     return figure
 
 
-def history_figure(numbers_: Sequence[int], values: Sequence[float], maximize: bool = True,
-                   metric: str = DEFAULT_METRIC_LABEL) -> Figure:
+def history_figure(
+    numbers_: Sequence[int],
+    values: Sequence[float],
+    maximize: bool = True,
+    metric: str = DEFAULT_METRIC_LABEL,
+) -> Figure:
     """Each complete trial's value in trial order, with the best value so far."""
     figure = Figure(figsize=(6, 4))
     figure.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91)
@@ -157,8 +179,11 @@ def study_figures(study: optuna.Study) -> dict[str, Figure]:
 
     if len(study.directions) != 1:
         return {}
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
+    ]
     if not complete:
         return {}
     maximize = study.direction.name == "MAXIMIZE"
@@ -170,10 +195,14 @@ def study_figures(study: optuna.Study) -> dict[str, Figure]:
         if filename in figures:
             filename = plot_filename(param, full=True)
         figures[filename] = metric_vs_param_figure(
-            [t.params[param] for t in with_param], [float(t.value) for t in with_param], param,  # type: ignore[arg-type]
+            [t.params[param] for t in with_param],
+            [float(t.value) for t in with_param],
+            param,  # type: ignore[arg-type]
         )
     figures["optimization_history.png"] = history_figure(
-        [t.number for t in complete], [float(t.value) for t in complete], maximize=maximize,  # type: ignore[arg-type]
+        [t.number for t in complete],
+        [float(t.value) for t in complete],
+        maximize=maximize,  # type: ignore[arg-type]
     )
     if len(complete) >= 2 and varying:
         try:

@@ -212,7 +212,10 @@ def project_git_commit(root: Path = _PROJECT_ROOT) -> str | None:
     try:
         completed = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--verify", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -273,16 +276,36 @@ def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
         writer.writerows(rows)
 
 
-OBJECT_COLUMNS = ["sequence", "object", "scored_frames", "J-Mean", "J-Recall", "J-Decay",
-                  "F-Mean", "F-Recall", "F-Decay", "J&F"]
+OBJECT_COLUMNS = [
+    "sequence",
+    "object",
+    "scored_frames",
+    "J-Mean",
+    "J-Recall",
+    "J-Decay",
+    "F-Mean",
+    "F-Recall",
+    "F-Decay",
+    "J&F",
+]
 SEQUENCE_COLUMNS = ["index", "sequence", "frames", "objects", "J&F", "J-Mean", "F-Mean", "seconds"]
 
 
 def object_row(score: ObjectScores) -> list[object]:
     """One object's DAVIS statistics (mean, recall, decay of J and F over its scored frames)."""
     j, f = score.j_statistics, score.f_statistics
-    return [score.sequence, score.object_id, len(score.frames), j.mean, j.recall, j.decay,
-            f.mean, f.recall, f.decay, (j.mean + f.mean) / 2]
+    return [
+        score.sequence,
+        score.object_id,
+        len(score.frames),
+        j.mean,
+        j.recall,
+        j.decay,
+        f.mean,
+        f.recall,
+        f.decay,
+        (j.mean + f.mean) / 2,
+    ]
 
 
 def write_sequence_tables(sequences: list[SequenceOutcome], folder: Path) -> list[Path]:
@@ -294,10 +317,18 @@ def write_sequence_tables(sequences: list[SequenceOutcome], folder: Path) -> lis
         j_mean = float(np.mean([s.j_statistics.mean for s in scores])) if scores else ""
         f_mean = float(np.mean([s.f_statistics.mean for s in scores])) if scores else ""
         jf = outcome.jf
-        rows.append([
-            outcome.index, outcome.name, outcome.num_frames, len(outcome.object_ids),
-            "" if jf is None else jf, j_mean, f_mean, sum(outcome.seconds.values()),
-        ])
+        rows.append(
+            [
+                outcome.index,
+                outcome.name,
+                outcome.num_frames,
+                len(outcome.object_ids),
+                "" if jf is None else jf,
+                j_mean,
+                f_mean,
+                sum(outcome.seconds.values()),
+            ]
+        )
     written = [folder / "per_sequence.csv"]
     _write_csv(written[0], SEQUENCE_COLUMNS, rows)
     object_rows = [object_row(score) for outcome in sequences for score in outcome.scores or []]
@@ -318,8 +349,13 @@ def zip_predictions(predictions_dir: Path, target: Path) -> Path | None:
     return target
 
 
-def overlay_image(frame: np.ndarray, labels: np.ndarray, palette: list[int],
-                  max_width: int = OVERLAY_MAX_WIDTH, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+def overlay_image(
+    frame: np.ndarray,
+    labels: np.ndarray,
+    palette: list[int],
+    max_width: int = OVERLAY_MAX_WIDTH,
+    alpha: float = OVERLAY_ALPHA,
+) -> Image.Image:
     """The frame with each object's pixels blended with its palette colour, at most ``max_width`` wide."""
     if labels.shape != frame.shape[:2]:
         resized = Image.fromarray(labels).resize((frame.shape[1], frame.shape[0]), Image.Resampling.NEAREST)
@@ -413,8 +449,14 @@ class TrialRun:
     ``optuna.TrialPruned``, KILLED on Ctrl-C, FAILED (with the error) on any other exception.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, study_name: str, trial_number: int,
-                 logged_params: dict[str, str]) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        study_name: str,
+        trial_number: int,
+        logged_params: dict[str, str],
+    ) -> None:
         self.run_id = run_id
         self.study_name = study_name
         self.trial_number = trial_number
@@ -426,8 +468,9 @@ class TrialRun:
     def __enter__(self) -> TrialRun:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         if error is None:
             self.end("FINISHED")
         elif type(error).__name__ == "TrialPruned":  # optuna.TrialPruned: stopped early, not an error
@@ -487,10 +530,14 @@ class TrialRun:
         metrics["num_sequences"] = float(len(result.sequences))
         metrics["num_frames"] = float(sum(o.num_frames for o in result.sequences))
         _log_metrics(self._client, self.run_id, metrics)
-        _log_tags(self._client, self.run_id, {
-            "diffvos.evaluated": str(result.metrics is not None).lower(),
-            "diffvos.output_dir": str(result.output_dir),
-        })
+        _log_tags(
+            self._client,
+            self.run_id,
+            {
+                "diffvos.evaluated": str(result.metrics is not None).lower(),
+                "diffvos.output_dir": str(result.output_dir),
+            },
+        )
 
         with tempfile.TemporaryDirectory(prefix="diffvos-artifacts-") as scratch:
             folder = Path(scratch)
@@ -571,8 +618,12 @@ class StudyTracker:
         token = None
         while True:
             page = self.client.search_runs(
-                [self.experiment_id], filter_string=filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
+                [self.experiment_id],
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
             )
             runs.extend(page)
             token = page.token
@@ -608,7 +659,8 @@ class StudyTracker:
             if description:
                 tags[MLFLOW_RUN_NOTE] = description
             created = self.client.create_run(
-                self.experiment_id, tags={k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in tags.items()},
+                self.experiment_id,
+                tags={k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in tags.items()},
                 run_name=self.study_name,
             )
             contenders = self._parent_runs()
@@ -624,8 +676,9 @@ class StudyTracker:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    def start_trial(self, parent_run_id: str, trial_number: int, params: dict[str, object],
-                    config: _HasToDict) -> TrialRun:
+    def start_trial(
+        self, parent_run_id: str, trial_number: int, params: dict[str, object], config: _HasToDict
+    ) -> TrialRun:
         """A RUNNING child run for one trial, with its settings already logged as params.
 
         ``params`` are the trial's suggested params; those that are settings of ``config`` are logged once
@@ -642,7 +695,9 @@ class StudyTracker:
             **self._environment_tags(requested_device),
         }
         run = self.client.create_run(
-            self.experiment_id, tags=tags, run_name=f"{self.study_name}-trial-{trial_number}",
+            self.experiment_id,
+            tags=tags,
+            run_name=f"{self.study_name}-trial-{trial_number}",
         )
         run_id = run.info.run_id
         try:
@@ -676,8 +731,11 @@ class StudyTracker:
         ``states`` maps trial numbers to Optuna state names (or ``TrialState`` values); only ``FAIL``
         trials are touched. Returns how many runs were closed.
         """
-        failed = {int(number) for number, state in states.items()
-                  if str(getattr(state, "name", state)).upper() == "FAIL"}
+        failed = {
+            int(number)
+            for number, state in states.items()
+            if str(getattr(state, "name", state)).upper() == "FAIL"
+        }
         if not failed:
             return 0
         closed = 0

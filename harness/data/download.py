@@ -99,11 +99,13 @@ def _check_archive(archive: Path) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]
     return files
 
 
-def _extract(archive: Path, files: list[tuple[zipfile.ZipInfo, PurePosixPath]], into: Path,
-             progress: bool) -> None:
+def _extract(
+    archive: Path, files: list[tuple[zipfile.ZipInfo, PurePosixPath]], into: Path, progress: bool
+) -> None:
     with zipfile.ZipFile(archive) as bundle:
-        for member, relative in tqdm(files, desc=f"unpacking {archive.name}", unit="file",
-                                     disable=not progress, leave=False):
+        for member, relative in tqdm(
+            files, desc=f"unpacking {archive.name}", unit="file", disable=not progress, leave=False
+        ):
             target = into.joinpath(*relative.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             with bundle.open(member) as source, open(target, "wb") as sink:
@@ -158,8 +160,9 @@ def download_davis2017(
         if _is_unpacked(root, split):
             continue
         (url,) = archive_urls(base_url, [split])
-        archive = download_file(url, archive_dir / DAVIS_ARCHIVES[split], progress=progress, timeout=timeout,
-                                offline_hint=hint)
+        archive = download_file(
+            url, archive_dir / DAVIS_ARCHIVES[split], progress=progress, timeout=timeout, offline_hint=hint
+        )
         files = _check_archive(archive)
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.unpack-"))
@@ -180,4 +183,3 @@ def download_davis2017(
     if archive_dir.is_dir() and not any(archive_dir.iterdir()):
         archive_dir.rmdir()
     return root
-

@@ -124,56 +124,156 @@ def sequence_scripts(spec: SynthSpec) -> tuple[SequenceScript, ...]:
     val, test = spec.val_frames, spec.test_dev_frames
     return (
         # The striped ellipse (1, in front) sweeps across the larger checkered square (2, behind).
-        SequenceScript("synth-occlusion", "val", size[0], val, (
-            ObjectScript(1, "ellipse", (0.17, 0.22), _RED_STRIPES, 2,
-                         ((0.0, 0.12, 0.45), (1.0, 0.88, 0.55)), spin=0.6),
-            ObjectScript(2, "rect", (0.26, 0.26), _GREEN_CHECKER, 1,
-                         ((0.0, 0.48, 0.52), (1.0, 0.53, 0.48))),
-            ObjectScript(3, "ellipse", (0.12, 0.12), _BLUE_DOTS, 0,
-                         ((0.0, 0.12, 0.18), (1.0, 0.22, 0.22))),
-        ), background_pan=0.05),
+        SequenceScript(
+            "synth-occlusion",
+            "val",
+            size[0],
+            val,
+            (
+                ObjectScript(
+                    1,
+                    "ellipse",
+                    (0.17, 0.22),
+                    _RED_STRIPES,
+                    2,
+                    ((0.0, 0.12, 0.45), (1.0, 0.88, 0.55)),
+                    spin=0.6,
+                ),
+                ObjectScript(
+                    2, "rect", (0.26, 0.26), _GREEN_CHECKER, 1, ((0.0, 0.48, 0.52), (1.0, 0.53, 0.48))
+                ),
+                ObjectScript(
+                    3, "ellipse", (0.12, 0.12), _BLUE_DOTS, 0, ((0.0, 0.12, 0.18), (1.0, 0.22, 0.22))
+                ),
+            ),
+            background_pan=0.05,
+        ),
         # The rings disc (1) exits on the right, stays out for about a fifth of the clip, and comes back.
-        SequenceScript("synth-reenter", "val", size[1], val, (
-            ObjectScript(1, "ellipse", (0.2, 0.2), _MAGENTA_RINGS, 1,
-                         ((0.0, 0.55, 0.5), (0.3, 1.25, 0.45), (0.55, 1.25, 0.45), (1.0, 0.62, 0.55)),
-                         spin=1.5),
-            ObjectScript(2, "diamond", (0.18, 0.22), _CYAN_CHECKER, 0,
-                         ((0.0, 0.2, 0.65), (1.0, 0.3, 0.35))),
-        )),
+        SequenceScript(
+            "synth-reenter",
+            "val",
+            size[1],
+            val,
+            (
+                ObjectScript(
+                    1,
+                    "ellipse",
+                    (0.2, 0.2),
+                    _MAGENTA_RINGS,
+                    1,
+                    ((0.0, 0.55, 0.5), (0.3, 1.25, 0.45), (0.55, 1.25, 0.45), (1.0, 0.62, 0.55)),
+                    spin=1.5,
+                ),
+                ObjectScript(
+                    2, "diamond", (0.18, 0.22), _CYAN_CHECKER, 0, ((0.0, 0.2, 0.65), (1.0, 0.3, 0.35))
+                ),
+            ),
+        ),
         # Two objects cross in opposite directions (1 in front of 2); a third moves vertically.
-        SequenceScript("synth-crossing", "val", size[2], val, (
-            ObjectScript(1, "rect", (0.16, 0.12), _ORANGE_STRIPES, 2,
-                         ((0.0, 0.15, 0.55), (1.0, 0.85, 0.5)), spin=0.8),
-            ObjectScript(2, "ellipse", (0.18, 0.16), _BLUE_DOTS, 1,
-                         ((0.0, 0.85, 0.45), (1.0, 0.15, 0.5))),
-            ObjectScript(3, "diamond", (0.12, 0.12), _GREEN_CHECKER, 0,
-                         ((0.0, 0.5, 0.2), (1.0, 0.5, 0.8))),
-        ), background_pan=0.08),
+        SequenceScript(
+            "synth-crossing",
+            "val",
+            size[2],
+            val,
+            (
+                ObjectScript(
+                    1,
+                    "rect",
+                    (0.16, 0.12),
+                    _ORANGE_STRIPES,
+                    2,
+                    ((0.0, 0.15, 0.55), (1.0, 0.85, 0.5)),
+                    spin=0.8,
+                ),
+                ObjectScript(
+                    2, "ellipse", (0.18, 0.16), _BLUE_DOTS, 1, ((0.0, 0.85, 0.45), (1.0, 0.15, 0.5))
+                ),
+                ObjectScript(
+                    3, "diamond", (0.12, 0.12), _GREEN_CHECKER, 0, ((0.0, 0.5, 0.2), (1.0, 0.5, 0.8))
+                ),
+            ),
+            background_pan=0.08,
+        ),
         # Four distinct shapes drifting slowly, a few of them rotating.
-        SequenceScript("synth-shapes", "val", size[3], val, (
-            ObjectScript(1, "ellipse", (0.14, 0.1), _RED_STRIPES, 0,
-                         ((0.0, 0.15, 0.25), (1.0, 0.22, 0.3)), spin=0.5),
-            ObjectScript(2, "rect", (0.12, 0.12), _CYAN_CHECKER, 0,
-                         ((0.0, 0.8, 0.25), (1.0, 0.72, 0.3)), spin=-0.7),
-            ObjectScript(3, "diamond", (0.14, 0.14), _MAGENTA_RINGS, 0,
-                         ((0.0, 0.2, 0.72), (1.0, 0.3, 0.7))),
-            ObjectScript(4, "ellipse", (0.13, 0.13), _ORANGE_STRIPES, 0,
-                         ((0.0, 0.8, 0.72), (1.0, 0.7, 0.75)), spin=1.0),
-        )),
-        SequenceScript("synth-td-orbit", "test-dev", size[4], test, (
-            ObjectScript(1, "ellipse", (0.15, 0.15), _BLUE_DOTS, 1,
-                         ((0.0, 0.3, 0.3), (0.5, 0.7, 0.35), (1.0, 0.65, 0.7))),
-            ObjectScript(2, "rect", (0.14, 0.18), _RED_STRIPES, 0,
-                         ((0.0, 0.7, 0.7), (0.5, 0.35, 0.65), (1.0, 0.3, 0.3)), spin=0.9),
-        )),
-        SequenceScript("synth-td-drift", "test-dev", size[5], test, (
-            ObjectScript(1, "diamond", (0.15, 0.15), _GREEN_CHECKER, 0,
-                         ((0.0, 0.2, 0.5), (1.0, 0.35, 0.45))),
-            ObjectScript(2, "ellipse", (0.12, 0.16), _ORANGE_STRIPES, 0,
-                         ((0.0, 0.5, 0.3), (1.0, 0.55, 0.6)), spin=0.7),
-            ObjectScript(3, "rect", (0.13, 0.11), _MAGENTA_RINGS, 0,
-                         ((0.0, 0.8, 0.6), (1.0, 0.7, 0.4))),
-        ), background_pan=0.06),
+        SequenceScript(
+            "synth-shapes",
+            "val",
+            size[3],
+            val,
+            (
+                ObjectScript(
+                    1,
+                    "ellipse",
+                    (0.14, 0.1),
+                    _RED_STRIPES,
+                    0,
+                    ((0.0, 0.15, 0.25), (1.0, 0.22, 0.3)),
+                    spin=0.5,
+                ),
+                ObjectScript(
+                    2, "rect", (0.12, 0.12), _CYAN_CHECKER, 0, ((0.0, 0.8, 0.25), (1.0, 0.72, 0.3)), spin=-0.7
+                ),
+                ObjectScript(
+                    3, "diamond", (0.14, 0.14), _MAGENTA_RINGS, 0, ((0.0, 0.2, 0.72), (1.0, 0.3, 0.7))
+                ),
+                ObjectScript(
+                    4,
+                    "ellipse",
+                    (0.13, 0.13),
+                    _ORANGE_STRIPES,
+                    0,
+                    ((0.0, 0.8, 0.72), (1.0, 0.7, 0.75)),
+                    spin=1.0,
+                ),
+            ),
+        ),
+        SequenceScript(
+            "synth-td-orbit",
+            "test-dev",
+            size[4],
+            test,
+            (
+                ObjectScript(
+                    1,
+                    "ellipse",
+                    (0.15, 0.15),
+                    _BLUE_DOTS,
+                    1,
+                    ((0.0, 0.3, 0.3), (0.5, 0.7, 0.35), (1.0, 0.65, 0.7)),
+                ),
+                ObjectScript(
+                    2,
+                    "rect",
+                    (0.14, 0.18),
+                    _RED_STRIPES,
+                    0,
+                    ((0.0, 0.7, 0.7), (0.5, 0.35, 0.65), (1.0, 0.3, 0.3)),
+                    spin=0.9,
+                ),
+            ),
+        ),
+        SequenceScript(
+            "synth-td-drift",
+            "test-dev",
+            size[5],
+            test,
+            (
+                ObjectScript(
+                    1, "diamond", (0.15, 0.15), _GREEN_CHECKER, 0, ((0.0, 0.2, 0.5), (1.0, 0.35, 0.45))
+                ),
+                ObjectScript(
+                    2,
+                    "ellipse",
+                    (0.12, 0.16),
+                    _ORANGE_STRIPES,
+                    0,
+                    ((0.0, 0.5, 0.3), (1.0, 0.55, 0.6)),
+                    spin=0.7,
+                ),
+                ObjectScript(3, "rect", (0.13, 0.11), _MAGENTA_RINGS, 0, ((0.0, 0.8, 0.6), (1.0, 0.7, 0.4))),
+            ),
+            background_pan=0.06,
+        ),
     )
 
 
