@@ -87,10 +87,14 @@ SHAPES = [  # (N, C, h, w)
 ]
 
 
+@pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("similarity", ["cosine", "l2", "l1"])
 @pytest.mark.parametrize("radius", [0, 1, 3, 20])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_dense_reference(similarity: str, radius: int, shape: tuple[int, int, int, int]) -> None:
+def test_matches_dense_reference(
+    similarity: str, radius: int, shape: tuple[int, int, int, int], screen: bool
+) -> None:
+    """Both paths (float32 products, bfloat16 screening; l1 has no screening and always takes the first)."""
     n_memory, channels, height, width = shape
     seed = 100 * radius + 10 * SHAPES.index(shape) + ["cosine", "l2", "l1"].index(similarity)
     query, memory, masks = random_inputs(seed, *shape)
@@ -99,7 +103,14 @@ def test_matches_dense_reference(similarity: str, radius: int, shape: tuple[int,
             query, memory, masks, similarity=similarity, temperature=0.2, topk=topk, radius=radius
         )
         got = propagate_frame(
-            query, memory, masks, similarity=similarity, temperature=0.2, topk=topk, radius=radius
+            query,
+            memory,
+            masks,
+            similarity=similarity,
+            temperature=0.2,
+            topk=topk,
+            radius=radius,
+            screen=screen,
         )
         assert got.shape == (masks.shape[1], height, width)
         assert got.dtype == torch.float32
@@ -137,10 +148,13 @@ def test_blocks_and_product_grouping_do_not_change_the_result(
     assert (got - expected).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("rows_per_product", [1, 100])
-def test_memory_may_be_a_view_of_a_partly_filled_ring_buffer(rows_per_product: int) -> None:
+@pytest.mark.parametrize(("rows_per_product", "screen"), [(1, False), (100, False), (None, True)])
+def test_memory_may_be_a_view_of_a_partly_filled_ring_buffer(
+    rows_per_product: int | None, screen: bool
+) -> None:
     """Frames 0..2 of a 5-slot position-major buffer (a frame-strided view) give the same result as the
-    three frames on their own; unused slots hold NaN that must not leak in."""
+    three frames on their own; unused slots hold NaN that must not leak in (screening gathers its float32
+    keys by storage offset from such a view, and reads a bfloat16 ring of the same shape)."""
     query, memory, masks = random_inputs(8, 3, 6, 9, 12)
     ring = torch.full((9, 12, 5, 6), float("nan"))
     ring_masks = torch.full((9, 12, 5, 3), float("nan"))
@@ -155,6 +169,8 @@ def test_memory_may_be_a_view_of_a_partly_filled_ring_buffer(rows_per_product: i
         topk=7,
         radius=3,
         rows_per_product=rows_per_product,
+        screen=screen,
+        memory_bf16=ring.to(torch.bfloat16)[:, :, :3] if screen else None,
     ).permute(2, 0, 1)
     assert (got - dense_reference(query, memory, masks, topk=7, radius=3)).abs().max() < 1e-5
 
@@ -172,6 +188,12 @@ def test_temperature_matters_and_matches_reference() -> None:
 # -- hand-computed cases ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[False, True], ids=["float32", "screened"])
+def screen(request: pytest.FixtureRequest) -> bool:
+    """Both propagation paths, whatever this machine's default (screening needs bf16 instructions)."""
+    return request.param
+
+
 def _two_position_case(scale: float = 1.0):
     """Grid 1 x 2; query and memory hold e0 at x=0 and e1 at x=1; memory labels: x=0 class 1, x=1 class 0."""
     e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -186,7 +208,7 @@ def _two_position_case(scale: float = 1.0):
     ("similarity", "other_logit"),
     [("cosine", 0.0), ("l2", -math.sqrt(2.0)), ("l1", -2.0)],  # logit of the orthogonal key, x T
 )
-def test_hand_computed_weights(similarity: str, other_logit: float) -> None:
+def test_hand_computed_weights(similarity: str, other_logit: float, screen: bool) -> None:
     """Same-position key: similarity 1 (cosine) or distance 0; the orthogonal key: cos 0, l2 sqrt 2, l1 2."""
     temperature = 0.5
     same_logit = 1.0 / temperature if similarity == "cosine" else 0.0
@@ -194,18 +216,18 @@ def test_hand_computed_weights(similarity: str, other_logit: float) -> None:
     weight_same = math.exp(same_logit) / (math.exp(same_logit) + math.exp(other))
     query, memory, masks = _two_position_case(scale=3.0)  # not unit length: propagation must normalise
     out = propagate_frame(
-        query, memory, masks, similarity=similarity, temperature=temperature, topk=2, radius=0
+        query, memory, masks, similarity=similarity, temperature=temperature, topk=2, radius=0, screen=screen
     )
     # position 0 matches memory position 0 (class 1) most, position 1 matches memory position 1 (class 0)
     expected = torch.tensor([[[1 - weight_same, weight_same]], [[weight_same, 1 - weight_same]]])
     assert torch.allclose(out, expected, atol=1e-6)
     top1 = propagate_frame(
-        query, memory, masks, similarity=similarity, temperature=temperature, topk=1, radius=0
+        query, memory, masks, similarity=similarity, temperature=temperature, topk=1, radius=0, screen=screen
     )
     assert torch.equal(top1, torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]))
 
 
-def test_ties_at_kth_place_are_kept() -> None:
+def test_ties_at_kth_place_are_kept(screen: bool) -> None:
     """Query e0 against keys e0, u, u, e1 with u = (0.6, 0.8): cos 1, 0.6, 0.6, 0. With k = 2 the two keys
     tied at the 2nd place are both kept (3 keys), the 4th key is dropped."""
     temperature = 0.25
@@ -213,7 +235,7 @@ def test_ties_at_kth_place_are_kept() -> None:
     query = keys[0].clone()
     query[:, 0, 0] = torch.tensor([1.0, 0.0])
     masks = torch.eye(4).reshape(1, 4, 1, 4)  # key j carries class j only: output = weight per key
-    out = propagate_frame(query, keys, masks, temperature=temperature, topk=2, radius=0)
+    out = propagate_frame(query, keys, masks, temperature=temperature, topk=2, radius=0, screen=screen)
     affinities = torch.tensor(
         [math.exp(1 / temperature), math.exp(0.6 / temperature), math.exp(0.6 / temperature), 0]
     )
@@ -224,7 +246,7 @@ def test_ties_at_kth_place_are_kept() -> None:
 
 
 @pytest.mark.parametrize("topk", [1, 3, 5])
-def test_ties_everywhere_with_duplicated_memory_frames(topk: int) -> None:
+def test_ties_everywhere_with_duplicated_memory_frames(topk: int, screen: bool) -> None:
     """Two identical memory frames with different masks: every key has a twin, so an odd k always ends in a
     tie, which must keep both twins (the k+1 keys mix both frames' masks)."""
     query, memory, _ = random_inputs(11, 1, 6, 9, 10)
@@ -232,7 +254,7 @@ def test_ties_everywhere_with_duplicated_memory_frames(topk: int) -> None:
     masks = torch.stack([torch.zeros(2, 9, 10), torch.zeros(2, 9, 10)])
     masks[0, 0] = 1.0  # frame 0 says class 0
     masks[1, 1] = 1.0  # frame 1 says class 1
-    out = propagate_frame(query, memory, masks, topk=topk, radius=3)
+    out = propagate_frame(query, memory, masks, topk=topk, radius=3, screen=screen)
     expected = dense_reference(query, memory, masks, topk=topk, radius=3)
     assert (out - expected).abs().max() < 1e-5
     # each pair of twins has equal weight, so both classes get exactly half
@@ -269,7 +291,7 @@ def test_unit_vectors_are_bitwise_those_of_f_normalize() -> None:
     assert torch.equal(unit_query(query), F.normalize(query, dim=0).permute(1, 2, 0))
 
 
-def test_window_excludes_far_identical_key() -> None:
+def test_window_excludes_far_identical_key(screen: bool) -> None:
     """A memory key identical to the query but outside the window gets no weight; without a window it wins."""
     generator = torch.Generator().manual_seed(5)
     height, width, channels = 5, 12, 8
@@ -279,17 +301,17 @@ def test_window_excludes_far_identical_key() -> None:
     masks = torch.zeros(1, 2, height, width)
     masks[0, 0] = 1.0
     masks[0, 0, 2, 11], masks[0, 1, 2, 11] = 0.0, 1.0  # only the far twin carries class 1
-    windowed = propagate_frame(query, memory, masks, topk=3, radius=4)
+    windowed = propagate_frame(query, memory, masks, topk=3, radius=4, screen=screen)
     assert windowed[1, 2, 1] == 0.0
-    unwindowed = propagate_frame(query, memory, masks, topk=3, radius=0)
+    unwindowed = propagate_frame(query, memory, masks, topk=3, radius=0, screen=screen)
     assert unwindowed[1, 2, 1] > 0.5  # cos 1 at T = 0.2 dominates the other top-3 keys
 
 
-def test_border_windows_with_fewer_valid_keys_than_k() -> None:
+def test_border_windows_with_fewer_valid_keys_than_k(screen: bool) -> None:
     """1 x 3 grid, r = 1: the corner window has 2 keys; with k = 5 both are kept, nothing outside counts."""
     query, memory, masks = random_inputs(2, 1, 4, 1, 3, n_classes=3)
     masks = torch.eye(3).reshape(1, 3, 1, 3)  # key x carries class x
-    out = propagate_frame(query, memory, masks, topk=5, radius=1)
+    out = propagate_frame(query, memory, masks, topk=5, radius=1, screen=screen)
     assert out[2, 0, 0] == 0.0 and out[0, 0, 2] == 0.0
     assert torch.allclose(out.sum(dim=0), torch.ones(1, 3))
     assert (out - dense_reference(query, memory, masks, topk=5, radius=1)).abs().max() < 1e-6

@@ -12,16 +12,27 @@ position-major, (h, w, N, C); the blocks of one block column share a contiguous 
 (a strip), in which any run of key rows is one (keys x C) matrix. Everything is computed in logit space
 (log of the affinity): top-k on logits is the same as top-k on exp(logits), and subtracting each query's
 maximum before exp cancels in the normalisation while avoiding overflow and underflow.
+
+On CPUs with bfloat16 instructions the blocks are screened (harness.propagation.screening): one bfloat16
+product per block bounds which keys can be in a query's top k, and only those are multiplied again in
+float32, so the result is the float32 one. The strips of a screened frame are split between threads.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from harness.errors import ConfigError
+from harness.propagation.screening import (
+    MAX_CANDIDATE_FRACTION,
+    ScreeningStats,
+    candidate_keys,
+    screening_available,
+)
 
 SIMILARITIES = ("cosine", "l2", "l1")
 
@@ -191,17 +202,20 @@ def unit_query(query: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def unit_memory(memory: torch.Tensor) -> torch.Tensor:
+def unit_memory(memory: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(N, C, h, w) features -> position-major (h, w, N, C) float32 unit vectors, bit for bit those of
-    F.normalize(dim=1)."""
+    F.normalize(dim=1). ``out`` (a reused (h, w, N, C) float32 buffer) spares the page faults of a fresh
+    tensor, which on a CPU cost more than the normalisation itself at DAVIS scale."""
     n_memory, channels, height, width = memory.shape
     memory = memory.to(torch.float32)
     norms = _channel_norms(memory, dim=1).reshape(n_memory, -1, 1)
-    result = torch.empty((height, width, n_memory, channels), dtype=torch.float32, device=memory.device)
-    frame = torch.empty((height * width, channels), dtype=torch.float32, device=memory.device)
+    shape = (height, width, n_memory, channels)
+    result = torch.empty(shape, dtype=torch.float32, device=memory.device) if out is None else out
+    if result.shape != shape or result.dtype != torch.float32 or not result.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}")
     for index in range(n_memory):  # frame by frame, so each transpose is 2-D (see unit_query)
-        frame.copy_(memory[index].reshape(channels, -1).t()).div_(norms[index])
-        result[:, :, index] = frame.view(height, width, channels)
+        frame = result[:, :, index].view(height * width, channels)  # rows N * C apart
+        torch.div(memory[index].reshape(channels, -1).t(), norms[index], out=frame)
     return result
 
 
@@ -224,18 +238,25 @@ class PropagationWorkspace:
 
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     window_biases: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
+    screening: ScreeningStats = field(default_factory=ScreeningStats)
 
-    def buffer(self, name: str, numel: int, device: torch.device) -> torch.Tensor:
-        """A flat float32 tensor of at least ``numel`` elements (grown, never shrunk)."""
+    def buffer(
+        self, name: str, numel: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A flat tensor of at least ``numel`` elements (grown, never shrunk)."""
         current = self.buffers.get(name)
-        if current is None or current.numel() < numel or current.device != device:
-            current = torch.empty(numel, dtype=torch.float32, device=device)
+        if current is None or current.numel() < numel or current.device != device or current.dtype != dtype:
+            current = torch.empty(numel, dtype=dtype, device=device)
             self.buffers[name] = current
         return current[:numel]
 
 
 def _window_bias(
-    block: QueryBlock, radius: int, device: torch.device, workspace: PropagationWorkspace
+    block: QueryBlock,
+    radius: int,
+    device: torch.device,
+    workspace: PropagationWorkspace,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """0 inside each query's window and -inf outside, as (key rows, key cols, 1, Q).
 
@@ -245,13 +266,13 @@ def _window_bias(
     """
     (kr0, kr1), (kc0, kc1) = block.key_rows, block.key_cols
     (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
-    key = (radius, str(device), qr0 - kr0, qr1 - kr0, kr1 - kr0, qc0 - kc0, qc1 - kc0, kc1 - kc0)
+    key = (radius, str(device), dtype, qr0 - kr0, qr1 - kr0, kr1 - kr0, qc0 - kc0, qc1 - kc0, kc1 - kc0)
     if key not in workspace.window_biases:
         far_y = (torch.arange(kr0, kr1)[:, None] - torch.arange(qr0, qr1)[None, :]).abs() > radius
         far_x = (torch.arange(kc0, kc1)[:, None] - torch.arange(qc0, qc1)[None, :]).abs() > radius
         far = far_y[:, None, :, None] | far_x[None, :, None, :]  # (kh, kw, qh, qw)
         far = far.reshape(kr1 - kr0, kc1 - kc0, 1, block.num_queries)
-        bias = torch.zeros(far.shape, dtype=torch.float32).masked_fill_(far, float("-inf"))
+        bias = torch.zeros(far.shape, dtype=dtype).masked_fill_(far, float("-inf"))
         workspace.window_biases[key] = bias.to(device)
     return workspace.window_biases[key]
 
@@ -326,6 +347,8 @@ def propagate_prepared(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     tile: tuple[int, int] | None = None,
     rows_per_product: int | None = None,
+    screen: bool | None = None,
+    memory_bf16: torch.Tensor | None = None,
     workspace: PropagationWorkspace | None = None,
 ) -> torch.Tensor:
     """The propagation on prepared tensors; returns the soft output as (h, w, K+1).
@@ -335,12 +358,17 @@ def propagate_prepared(
     frames of a larger ring buffer (h, w, slots, C). ``rows_per_product`` splits a block's key rows into
     several matrix products, each with only the query rows those key rows reach (1 = exactly the window's
     rows: fewer multiply-adds but many more, smaller calls); by default each block is one product.
+    ``screen`` picks keys with a bfloat16 product and recomputes only those in float32 (same result, see
+    harness.propagation.screening); None uses it where it is faster (CPUs with bf16 instructions,
+    cosine and l2), False never, True wherever the similarity allows (l1 has no such bound).
+    ``memory_bf16`` is the memory rounded to bfloat16, if the caller keeps one (converted here otherwise).
     Arguments are not validated here.
     """
     height, width, n_memory, channels = memory_feats.shape
     n_classes = memory_masks.shape[-1]
     device = memory_feats.device
     workspace = workspace if workspace is not None else PropagationWorkspace()
+    screening = _screening_enabled(screen, similarity, device, workspace)
     strips = plan_blocks(
         height,
         width,
@@ -351,44 +379,257 @@ def propagate_prepared(
         tile=tile or default_tile(device),
         budget_bytes=budget_bytes,
     )
-    in_place = memory_feats.is_contiguous() and memory_masks.is_contiguous()
+    if screening and memory_bf16 is None:
+        memory_bf16 = workspace.buffer("memory_bf16", memory_feats.numel(), device, torch.bfloat16)
+        memory_bf16 = memory_bf16.view(memory_feats.shape).copy_(memory_feats)
+    # strips are used in place when they cover a contiguous memory (no window), copied otherwise
+    if screening:
+        in_place = memory_bf16.is_contiguous()
+    else:
+        in_place = memory_feats.is_contiguous() and memory_masks.is_contiguous()
     largest_strip = max(0 if s.whole_grid and in_place else s.num_key_positions for s in strips) * n_memory
-    feat_buffer = workspace.buffer("strip_feats", largest_strip * channels, device)
-    mask_buffer = workspace.buffer("strip_masks", largest_strip * n_classes, device)
     largest_block = max(b.num_queries * b.num_key_positions for s in strips for b in s.blocks) * n_memory
-    key_major_buffer = workspace.buffer("key_major", largest_block, device)
-    query_major_buffer = workspace.buffer("query_major", largest_block, device)
+    frame = _Frame(
+        query=query,
+        memory_feats=memory_feats,
+        memory_masks=memory_masks,
+        similarity=similarity,
+        temperature=temperature,
+        topk=topk,
+        radius=radius,
+        rows_per_product=rows_per_product,
+        in_place=in_place,
+        workspace=workspace,
+    )
+    if screening:  # the bfloat16 queries and the norms of their rounding errors, for the thresholds
+        frame.memory_bf16 = memory_bf16
+        frame.query_bf16 = query.to(torch.bfloat16)
+        frame.query_rounding = (query - frame.query_bf16.to(torch.float32)).norm(dim=-1)
     output = torch.empty((height, width, n_classes), dtype=torch.float32, device=device)
 
+    def buffers(worker: int) -> _Buffers:
+        sizes = (largest_strip, largest_block, channels, n_classes, screening)
+        return _Buffers(workspace, device, *sizes, suffix="" if worker == 0 else f"/{worker}")
+
+    workers = _cpu_workers(device, len(strips)) if screening else 1
+    if workers == 1:
+        _propagate_strips(strips, frame, buffers(0), output)
+        return output
+    # screened strips split between threads of one intra-op thread each, so that the many small steps
+    # between the products overlap (about 6 % faster per DAVIS-scale frame on 2 cores; the float32 path
+    # was 15 % slower this way, its products being larger, so it keeps the intra-op threads)
+    threads_before = torch.get_num_threads()
+
+    def work(worker: int) -> None:
+        torch.set_num_threads(1)  # OpenMP and MKL counts are per thread: the caller keeps its own
+        _propagate_strips(strips[worker::workers], frame, buffers(worker), output)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="propagate") as pool:
+            for finished in [pool.submit(work, worker) for worker in range(workers)]:
+                finished.result()
+    finally:
+        torch.set_num_threads(threads_before)  # the process-wide default a new thread starts from
+    return output
+
+
+def _cpu_workers(device: torch.device, n_strips: int) -> int:
+    """Threads for one frame: the intra-op thread count on a CPU (at most one per strip), 1 elsewhere."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), n_strips))
+
+
+@dataclass
+class _Frame:
+    """What every block of one frame reads: prepared inputs and settings (never written by the blocks)."""
+
+    query: torch.Tensor
+    memory_feats: torch.Tensor
+    memory_masks: torch.Tensor
+    similarity: str
+    temperature: float
+    topk: int
+    radius: int
+    rows_per_product: int | None
+    in_place: bool
+    workspace: PropagationWorkspace
+    memory_bf16: torch.Tensor | None = None
+    query_bf16: torch.Tensor | None = None
+    query_rounding: torch.Tensor | None = None
+
+    @property
+    def screening(self) -> bool:
+        return self.memory_bf16 is not None
+
+
+def _propagate_strips(strips: list[KeyStrip], frame: _Frame, buffers: _Buffers, output: torch.Tensor) -> None:
+    """Write the soft output of every block of ``strips`` into ``output`` (h, w, K+1)."""
+    memory_feats, memory_masks = frame.memory_feats, frame.memory_masks
+    n_memory, channels = memory_feats.shape[2:]
+    n_classes = memory_masks.shape[-1]
+    settings = dict(similarity=frame.similarity, temperature=frame.temperature, topk=frame.topk)
     for strip in strips:
         (sr0, sr1), (sc0, sc1) = strip.key_rows, strip.key_cols
-        if strip.whole_grid and in_place:
-            strip_feats, strip_masks = memory_feats, memory_masks
+        shape = (sr1 - sr0, sc1 - sc0, n_memory)
+        size = shape[0] * shape[1] * shape[2]
+        if frame.screening and strip.whole_grid and frame.in_place:
+            strip_keys = frame.memory_bf16
+        elif frame.screening:  # only the bfloat16 keys are copied; float32 keys are gathered as needed
+            strip_keys = buffers.strip_bf16[: size * channels].view(*shape, channels)
+            strip_keys.copy_(frame.memory_bf16[sr0:sr1, sc0:sc1])
+        elif strip.whole_grid and frame.in_place:
+            strip_keys, strip_masks = memory_feats, memory_masks
         else:  # contiguous (rows, cols, N, ...): any run of its rows is one (keys x C) matrix
-            shape = (sr1 - sr0, sc1 - sc0, n_memory)
-            size = shape[0] * shape[1] * shape[2]
-            strip_feats = feat_buffer[: size * channels].view(*shape, channels)
-            strip_feats.copy_(memory_feats[sr0:sr1, sc0:sc1])
-            strip_masks = mask_buffer[: size * n_classes].view(*shape, n_classes)
+            strip_keys = buffers.strip_feats[: size * channels].view(*shape, channels)
+            strip_keys.copy_(memory_feats[sr0:sr1, sc0:sc1])
+            strip_masks = buffers.strip_masks[: size * n_classes].view(*shape, n_classes)
             strip_masks.copy_(memory_masks[sr0:sr1, sc0:sc1])
         for block in strip.blocks:
-            mixed = _propagate_block(
-                block,
-                query,
-                strip_feats[block.key_rows[0] - sr0 : block.key_rows[1] - sr0],
-                strip_masks[block.key_rows[0] - sr0 : block.key_rows[1] - sr0],
-                key_major_buffer,
-                query_major_buffer,
-                similarity=similarity,
-                temperature=temperature,
-                topk=topk,
-                radius=radius,
-                rows_per_product=rows_per_product,
-                workspace=workspace,
-            )
+            block_rows = slice(block.key_rows[0] - sr0, block.key_rows[1] - sr0)
+            mixed = None
+            if frame.screening:
+                mixed = _screened_block(block, frame, strip_keys[block_rows], buffers)
+                frame.workspace.screening.record(fell_back=mixed is None)
+                if mixed is None:  # too many candidates: the block's float32 keys, as the exact path needs
+                    (kr0, kr1), (kc0, kc1) = block.key_rows, block.key_cols
+                    block_shape = (kr1 - kr0, kc1 - kc0, n_memory)
+                    block_size = block_shape[0] * block_shape[1] * n_memory
+                    keys = buffers.strip_feats[: block_size * channels].view(*block_shape, channels)
+                    keys.copy_(memory_feats[kr0:kr1, kc0:kc1])
+                    key_masks = buffers.strip_masks[: block_size * n_classes].view(*block_shape, n_classes)
+                    key_masks.copy_(memory_masks[kr0:kr1, kc0:kc1])
+            else:
+                keys, key_masks = strip_keys[block_rows], strip_masks[block_rows]
+            if mixed is None:
+                mixed = _propagate_block(
+                    block,
+                    frame.query,
+                    keys,
+                    key_masks,
+                    buffers.key_major,
+                    buffers.query_major,
+                    radius=frame.radius,
+                    rows_per_product=frame.rows_per_product,
+                    workspace=frame.workspace,
+                    **settings,
+                )
             (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
             output[qr0:qr1, qc0:qc1] = mixed.view(qr1 - qr0, qc1 - qc0, n_classes)
-    return output
+
+
+def _screening_enabled(
+    screen: bool | None, similarity: str, device: torch.device, workspace: PropagationWorkspace
+) -> bool:
+    if screen is False or similarity == "l1":
+        return False
+    if screen is True:
+        return True
+    return screening_available(device) and workspace.screening.worthwhile
+
+
+class _Buffers:
+    """One worker's scratch tensors for one frame's plan (a strip, a block's logits), kept in the workspace
+    under names ending in ``suffix`` so that the worker threads of a frame never share one."""
+
+    def __init__(
+        self,
+        workspace: PropagationWorkspace,
+        device: torch.device,
+        largest_strip: int,
+        largest_block: int,
+        channels: int,
+        n_classes: int,
+        screening: bool,
+        suffix: str = "",
+    ) -> None:
+        self.workspace, self.device, self.suffix = workspace, device, suffix
+        # screening copies strips in bfloat16 only; a block that falls back copies its own float32 keys
+        keys = largest_block if screening else largest_strip
+        screened = largest_block if screening else 0
+        bf16 = torch.bfloat16
+        self.strip_feats = self._buffer("strip_feats", keys * channels)
+        self.strip_masks = self._buffer("strip_masks", keys * n_classes)
+        self.key_major = self._buffer("key_major", largest_block)
+        self.query_major = self._buffer("query_major", largest_block)
+        self.strip_bf16 = self._buffer("strip_bf16", (largest_strip if screening else 0) * channels, bf16)
+        self.key_major_bf16 = self._buffer("key_major_bf16", screened, bf16)
+        self.candidates = self._buffer("candidates", screened, torch.bool)
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.workspace.buffer(name + self.suffix, numel, self.device, dtype)
+
+    def gathered(self, name: str, rows: int, columns: int) -> torch.Tensor:
+        """A (rows, columns) float32 buffer for index_select(out=...): fresh tensors pay page faults."""
+        return self._buffer(name, rows * columns).view(rows, columns)
+
+
+def _rows_of(tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(h, w, N, D) -> a (rows, D) view of its storage and the row strides of h, w and N.
+
+    The memory may be a view of the first N slots of a ring buffer, which no reshape can flatten; its rows
+    of D values are still evenly spaced in storage, so one index per (position, frame) reaches them.
+    """
+    row = tensor.shape[-1]
+    strides = tensor.stride()
+    if strides[-1] != 1 or any(stride % row for stride in strides[:-1]):
+        tensor = tensor.contiguous()
+        strides = tensor.stride()
+    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape[:-1], strides[:-1], strict=True))
+    rows = torch.as_strided(tensor, (extent // row + 1, row), (row, 1))
+    return rows, (strides[0] // row, strides[1] // row, strides[2] // row)
+
+
+def _screened_block(
+    block: QueryBlock, frame: _Frame, keys_bf16: torch.Tensor, buffers: _Buffers
+) -> torch.Tensor | None:
+    """Soft output (Q, K+1) of one block through bfloat16 screening, or None when too many keys are
+    candidates (the caller then runs the float32 block). ``keys_bf16`` is the block's (kh, kw, N, C)."""
+    query, query_bf16, query_rounding = frame.query, frame.query_bf16, frame.query_rounding
+    memory_feats, memory_masks = frame.memory_feats, frame.memory_masks
+    similarity, temperature, topk = frame.similarity, frame.temperature, frame.topk
+    (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
+    key_rows, key_cols, n_memory, channels = keys_bf16.shape
+    n_queries = block.num_queries
+    n_keys = key_rows * key_cols * n_memory
+    approx = buffers.key_major_bf16[: n_keys * n_queries].view(n_keys, n_queries)
+    queries_bf16_t = query_bf16[qr0:qr1, qc0:qc1].reshape(n_queries, channels).t()
+    torch.mm(keys_bf16.view(n_keys, channels), queries_bf16_t, out=approx)
+    if block.windowed:
+        bias = _window_bias(block, frame.radius, keys_bf16.device, frame.workspace, torch.bfloat16)
+        approx.view(key_rows, key_cols, n_memory, n_queries).add_(bias)
+    candidates, used = candidate_keys(
+        approx,
+        key_rows,
+        query_rounding[qr0:qr1, qc0:qc1].reshape(1, n_queries),
+        channels,
+        topk,
+        temperature,
+        buffers.candidates[: n_keys * n_queries].view(n_keys, n_queries),
+    )
+    n_used = used.numel()
+    if n_used > MAX_CANDIDATE_FRACTION * n_keys:
+        return None
+    # block key order is (row, column, frame): back to rows of the memory's storage
+    feat_rows, (row_step, col_step, frame_step) = _rows_of(memory_feats)
+    mask_rows, (mask_row_step, mask_col_step, mask_frame_step) = _rows_of(memory_masks)
+    frames = used % n_memory
+    cols = (used // n_memory) % key_cols + block.key_cols[0]
+    rows = used // (n_memory * key_cols) + block.key_rows[0]
+    feat_index = rows * row_step + cols * col_step + frames * frame_step
+    mask_index = rows * mask_row_step + cols * mask_col_step + frames * mask_frame_step
+    keys = torch.index_select(
+        feat_rows, 0, feat_index, out=buffers.gathered("candidate_feats", n_used, channels)
+    )
+    key_masks = torch.index_select(
+        mask_rows, 0, mask_index, out=buffers.gathered("candidate_masks", n_used, mask_rows.shape[1])
+    )
+    queries_t = query[qr0:qr1, qc0:qc1].reshape(n_queries, channels).t().contiguous()
+    exact = buffers.key_major[: n_used * n_queries].view(n_used, n_queries)
+    _fill_logits(exact, keys, queries_t, similarity, temperature)
+    exact.masked_fill_(~candidates.index_select(0, used), float("-inf"))
+    logits = buffers.gathered("candidate_logits", n_queries, n_used)
+    return _weighted_masks(logits.copy_(exact.t()), key_masks, topk)
 
 
 def _propagate_block(
@@ -445,23 +686,37 @@ def propagate_frame(
     temperature: float = 0.2,
     topk: int = 15,
     radius: int = 15,
+    screen: bool | None = None,
+    workspace: PropagationWorkspace | None = None,
 ) -> torch.Tensor:
     """Soft labels (K+1, h, w) of a query frame (C, h, w) from memory features (N, C, h, w) and memory
     masks (N, K+1, h, w).
 
     Each position's output is the affinity-weighted mean of the memory masks at its kept keys (weights sum
-    to 1; no further normalisation). Runs in float32 on the device of the inputs.
+    to 1; no further normalisation). Runs in float32 on the device of the inputs (``screen``: see
+    propagate_prepared; it changes the speed, not the result). Pass the same ``workspace`` to successive
+    calls to reuse its buffers (the normalised memory included).
     """
     check_propagation_params(similarity, temperature, topk, radius)
     _check_shapes(query, memory_feats, memory_masks)
+    workspace = workspace if workspace is not None else PropagationWorkspace()
+    n_memory, channels, height, width = memory_feats.shape
+    device = memory_feats.device
+    prepared = workspace.buffer("prepared_feats", memory_feats.numel(), device)
+    prepared = unit_memory(memory_feats, out=prepared.view(height, width, n_memory, channels))
+    masks = workspace.buffer("prepared_masks", memory_masks.numel(), device)
+    masks = masks.view(height, width, n_memory, memory_masks.shape[1])
+    masks.copy_(memory_masks.permute(2, 3, 0, 1))
     soft = propagate_prepared(
         unit_query(query),
-        unit_memory(memory_feats),
-        memory_masks.to(torch.float32).permute(2, 3, 0, 1).contiguous(),
+        prepared,
+        masks,
         similarity=similarity,
         temperature=float(temperature),
         topk=topk,
         radius=radius,
+        screen=screen,
+        workspace=workspace,
     )
     return soft.permute(2, 0, 1).contiguous()
 

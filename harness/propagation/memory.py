@@ -24,6 +24,7 @@ from harness.propagation.affinity import (
     propagate_prepared,
     unit_query,
 )
+from harness.propagation.screening import screening_available
 
 #: Written masks are uint8 channel indices.
 MAX_CLASSES = 256
@@ -229,6 +230,11 @@ def _propagate(
     memory_feats[:, :, 0] = first
     onehot = labels_to_onehot(first_labels, num_classes, (height, width), device=device)
     memory_masks[:, :, 0] = onehot.permute(1, 2, 0)
+    # a bfloat16 copy of the memory, kept beside it, where propagate_prepared screens keys in bfloat16
+    memory_bf16 = None
+    if settings.similarity != "l1" and screening_available(device):
+        memory_bf16 = torch.empty((height, width, slots, channels), dtype=torch.bfloat16, device=device)
+        memory_bf16[:, :, 0] = first
     filled = 1
     del first
     workspace = PropagationWorkspace()
@@ -244,6 +250,7 @@ def _propagate(
             temperature=float(settings.temperature),
             topk=settings.topk,
             radius=settings.radius,
+            memory_bf16=None if memory_bf16 is None else memory_bf16[:, :, :filled],
             workspace=workspace,
         )
         if n_previous > 0 and t < read.num_frames - 1:
@@ -251,6 +258,8 @@ def _propagate(
             # the propagation treats the memory as a set)
             slot = 1 + (t - 1) % n_previous
             memory_feats[:, :, slot] = query
+            if memory_bf16 is not None:
+                memory_bf16[:, :, slot] = query
             memory_masks[:, :, slot] = soft
             filled = min(filled + 1, slots)
         yield t, soft_to_labels(soft.permute(2, 0, 1), input_size, output_size)
