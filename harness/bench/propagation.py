@@ -241,7 +241,10 @@ def estimated_baseline_bytes(case: PropagationCase) -> dict[str, int]:
 
 
 def _ours(
-    case: PropagationCase, inputs: tuple[torch.Tensor, ...], workspace: PropagationWorkspace | None = None
+    case: PropagationCase,
+    inputs: tuple[torch.Tensor, ...],
+    workspace: PropagationWorkspace | None = None,
+    screen: bool | None = None,
 ) -> torch.Tensor:
     """One propagate_frame call; with a ``workspace`` its buffers are reused from call to call, as the
     sequence loop reuses them from frame to frame (without, every call maps its buffers afresh)."""
@@ -254,6 +257,7 @@ def _ours(
         temperature=case.temperature,
         topk=case.topk,
         radius=case.radius,
+        screen=screen,
         workspace=workspace,
     )
 
@@ -395,6 +399,10 @@ def run_case(case: PropagationCase, options: BenchOptions) -> dict[str, Any]:
     ours_output, ours_first = _timed_once(lambda: _ours(case, inputs, workspace), device)
     fresh = time_calls(lambda: _ours(case, inputs), repeats=repeats, device=device)
     entry["ours_fresh_workspace"] = fresh.to_dict()
+    # screening's gain depends on the data (how many keys sit near each k-th); the float32 path's does not
+    exact_workspace = PropagationWorkspace()
+    float32 = time_calls(lambda: _ours(case, inputs, exact_workspace, False), repeats=repeats, device=device)
+    entry["ours_float32"] = float32.to_dict()
     step = SequenceStep(case, inputs)
     if not torch.allclose(step(), ours_output, atol=1e-6):
         raise RuntimeError(f"case {case.name}: the sequence step and propagate_frame disagree")
@@ -456,6 +464,7 @@ def run_case(case: PropagationCase, options: BenchOptions) -> dict[str, Any]:
     }
     entry["speedup"] = baseline_timing.median / ours_timing.median
     entry["speedup_fresh_workspace"] = baseline_timing.median / fresh.median
+    entry["speedup_float32"] = baseline_timing.median / float32.median
     entry["speedup_sequence_step"] = baseline_timing.median / entry["ours_sequence_step"]["median_seconds"]
     entry["memory_fraction"] = _fraction(ours_peak, entry["baseline"]["peak_total_bytes"])
     entry["memory_methods"] = sorted(methods)
@@ -525,6 +534,7 @@ def format_report(report: dict[str, Any]) -> str:
                     size,
                     ours["median_seconds"],
                     entry["ours_fresh_workspace"]["median_seconds"],
+                    entry["ours_float32"]["median_seconds"],
                     entry["ours_sequence_step"]["median_seconds"],
                     None,
                     None,
@@ -542,6 +552,7 @@ def format_report(report: dict[str, Any]) -> str:
                 size,
                 ours["median_seconds"],
                 entry["ours_fresh_workspace"]["median_seconds"],
+                entry["ours_float32"]["median_seconds"],
                 entry["ours_sequence_step"]["median_seconds"],
                 baseline["median_seconds"],
                 entry["speedup"],
@@ -557,6 +568,7 @@ def format_report(report: dict[str, Any]) -> str:
         "size",
         "ours s",
         "ours fresh s",
+        "ours fp32 s",
         "ours step s",
         "released s",
         "speed-up",
