@@ -8,6 +8,7 @@ import json
 import math
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,22 @@ def test_propagation_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixtu
     # the baseline holds the dense affinity at its peak, ours a small fraction of it
     assert measured["baseline"]["peak_call_bytes"] >= 0.9 * dense
     assert measured["ours"]["peak_call_bytes"] < dense / 5
+
+
+def test_real_footage_check_runs_both_paths_on_a_davis_layout(tmp_path: Path, synth_root: Path) -> None:
+    options = BenchOptions(
+        device="cpu", quick=True, out_dir=tmp_path, work_dir=tmp_path, real_data=synth_root
+    )
+    footage = bench_propagation.real_footage_check(options)
+    assert footage["same_labels"] is True and footage["frames"] == 4
+    default, exact = footage["runs"]["default"], footage["runs"]["float32"]
+    assert exact["blocks"] == 0 and exact["candidate_fraction_mean"] is None
+    if footage["screening_available"]:
+        assert default["blocks"] > 0 and 0.0 <= default["candidate_fraction_mean"] <= 1.0
+    report = {"cases": [], "targets": {}, "real_footage_screening": footage}
+    assert "same labels" in bench_propagation.format_report(report)
+    missing = replace(options, real_data=tmp_path / "nowhere")
+    assert "skipped" in bench_propagation.real_footage_check(missing)
 
 
 @pytest.mark.slow

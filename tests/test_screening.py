@@ -12,7 +12,6 @@ from harness.propagation import (
     PropagationSettings,
     PropagationWorkspace,
     affinity,
-    memory,
     propagate_frame,
     propagate_prepared,
     propagate_sequence,
@@ -203,9 +202,9 @@ def test_screening_available_only_on_cpus() -> None:
 
 
 @pytest.mark.parametrize("n_last_frames", [0, 3])
-def test_sequence_with_and_without_screening(monkeypatch: pytest.MonkeyPatch, n_last_frames: int) -> None:
-    """The sequence loop keeps a bfloat16 copy of its ring buffer where screening is available; the
-    labels it writes are those of the float32 loop."""
+def test_sequence_with_and_without_screening(n_last_frames: int) -> None:
+    """The sequence loop keeps a bfloat16 copy of its ring buffer when it screens; the labels it writes are
+    those of the float32 loop, and the workspace passed in holds the screening statistics."""
     generator = torch.Generator().manual_seed(4)
     scene = torch.randn(24, 15, 18, generator=generator)
     frames = [scene + 0.2 * torch.randn(scene.shape, generator=generator) for _ in range(7)]
@@ -214,13 +213,26 @@ def test_sequence_with_and_without_screening(monkeypatch: pytest.MonkeyPatch, n_
     first_labels[18:28, 20:34] = 2
     settings = PropagationSettings(topk=5, radius=4, n_last_frames=n_last_frames)
 
-    def labels(available: bool) -> list[np.ndarray]:
-        monkeypatch.setattr(memory, "screening_available", lambda device: available)
-        monkeypatch.setattr(affinity, "screening_available", lambda device: available)
-        run = propagate_sequence(frames, first_labels, 3, settings, input_size=(30, 36), output_size=(30, 36))
-        return [mask for _, mask in run]
+    def labels(screen: bool) -> tuple[list[np.ndarray], PropagationWorkspace]:
+        workspace = PropagationWorkspace()
+        run = propagate_sequence(
+            frames,
+            first_labels,
+            3,
+            settings,
+            input_size=(30, 36),
+            output_size=(30, 36),
+            screen=screen,
+            workspace=workspace,
+        )
+        return [mask for _, mask in run], workspace
 
-    screened, exact = labels(True), labels(False)
+    (screened, workspace), (exact, float32_workspace) = labels(True), labels(False)
     assert len(screened) == len(exact) == 6
     for got, expected in zip(screened, exact, strict=True):
         assert np.array_equal(got, expected)
+    summary = workspace.screening.summary()
+    assert summary["blocks"] > 0
+    assert 0.0 < summary["candidate_fraction_min"] <= summary["candidate_fraction_mean"]
+    assert summary["candidate_fraction_mean"] <= summary["candidate_fraction_max"] <= 1.0
+    assert float32_workspace.screening.summary()["candidate_fraction_mean"] is None

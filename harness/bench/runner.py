@@ -36,6 +36,8 @@ SUB_BENCHMARKS = ("propagation", "sweep", "evaluation", "extraction")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: ../shared beside the checkout (developer machines only); benchmarks that need it skip without it
 SHARED_REFERENCE = PROJECT_ROOT.parent / "shared" / "reference"
+#: five real DAVIS-2017 sequences in ../shared (developer machines only)
+SHARED_REAL_DAVIS = PROJECT_ROOT.parent / "shared" / "data" / "davis2017-real"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class BenchOptions:
     #: None: each benchmark's default for the device
     repeats: int | None = None
     sd21_config: Path | None = None
+    #: a DAVIS-layout folder of real footage for the propagation benchmark's screening check
+    real_data: Path | None = None
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -499,6 +503,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="folder with the SD 2.1 diffusers configs (default: ../shared/reference/sd21)",
     )
+    parser.add_argument(
+        "--real-data",
+        type=Path,
+        default=None,
+        help="DAVIS-layout folder of real footage for the propagation screening check "
+        "(default: ../shared/data/davis2017-real; skipped when absent)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in extraction")
     return parser.parse_args(argv)
 
@@ -516,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             work_dir=args.work_dir,
             repeats=args.repeats,
             sd21_config=args.sd21_config,
+            real_data=args.real_data,
             compile=args.compile,
         )
         names = list(SUB_BENCHMARKS) if args.benchmark == "all" else [args.benchmark]

@@ -490,7 +490,6 @@ def _propagate_strips(strips: list[KeyStrip], frame: _Frame, buffers: _Buffers, 
             mixed = None
             if frame.screening:
                 mixed = _screened_block(block, frame, strip_keys[block_rows], buffers)
-                frame.workspace.screening.record(fell_back=mixed is None)
                 if mixed is None:  # too many candidates: the block's float32 keys, as the exact path needs
                     (kr0, kr1), (kc0, kc1) = block.key_rows, block.key_cols
                     block_shape = (kr1 - kr0, kc1 - kc0, n_memory)
@@ -608,7 +607,9 @@ def _screened_block(
         buffers.candidates[: n_keys * n_queries].view(n_keys, n_queries),
     )
     n_used = used.numel()
-    if n_used > MAX_CANDIDATE_FRACTION * n_keys:
+    fall_back = n_used > MAX_CANDIDATE_FRACTION * n_keys
+    frame.workspace.screening.record(fell_back=fall_back, candidate_fraction=n_used / n_keys)
+    if fall_back:
         return None
     # block key order is (row, column, frame): back to rows of the memory's storage
     feat_rows, (row_step, col_step, frame_step) = _rows_of(memory_feats)

@@ -184,6 +184,8 @@ def propagate_sequence(
     output_size: tuple[int, int],
     progress: bool = False,
     num_frames: int | None = None,
+    screen: bool | None = None,
+    workspace: PropagationWorkspace | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (t, labels) for t = 1 .. T-1: the propagated (H0, W0) uint8 channel-index map of frame t.
 
@@ -192,6 +194,8 @@ def propagate_sequence(
     ``first_labels`` is the (H0, W0) map of channel indices 0..K of frame 0 (0 = background) and
     ``num_classes`` = K+1. ``input_size`` is the (H, W) the network saw, ``output_size`` = (H0, W0).
     Everything runs on the device of frame 0's features; the memory lives in preallocated buffers there.
+    ``screen`` is propagate_prepared's (None: bfloat16 screening where it pays); a ``workspace`` passed in
+    is the one the frames use, so its screening statistics can be read afterwards.
     """
     if not isinstance(settings, PropagationSettings):
         raise ConfigError(f"settings must be a PropagationSettings, got {type(settings).__name__}")
@@ -205,7 +209,10 @@ def propagate_sequence(
     read = _FrameReader(features, num_frames)
     if read.num_frames < 1:
         raise DataError("the sequence has no frame")
-    return _propagate(read, first_labels, int(num_classes), settings, input_size, output_size, progress)
+    workspace = workspace if workspace is not None else PropagationWorkspace()
+    return _propagate(
+        read, first_labels, int(num_classes), settings, input_size, output_size, progress, screen, workspace
+    )
 
 
 def _propagate(
@@ -216,6 +223,8 @@ def _propagate(
     input_size: tuple[int, int],
     output_size: tuple[int, int],
     progress: bool,
+    screen: bool | None,
+    workspace: PropagationWorkspace,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """The generator behind propagate_sequence (split off so argument errors raise at call time)."""
     first = unit_query(read(0))
@@ -232,12 +241,11 @@ def _propagate(
     memory_masks[:, :, 0] = onehot.permute(1, 2, 0)
     # a bfloat16 copy of the memory, kept beside it, where propagate_prepared screens keys in bfloat16
     memory_bf16 = None
-    if settings.similarity != "l1" and screening_available(device):
+    if settings.similarity != "l1" and (screen is True or (screen is None and screening_available(device))):
         memory_bf16 = torch.empty((height, width, slots, channels), dtype=torch.bfloat16, device=device)
         memory_bf16[:, :, 0] = first
     filled = 1
     del first
-    workspace = PropagationWorkspace()
 
     frames = range(1, read.num_frames)
     for t in tqdm(frames, desc="propagating", unit="frame", disable=not progress, leave=False):
@@ -250,6 +258,7 @@ def _propagate(
             temperature=float(settings.temperature),
             topk=settings.topk,
             radius=settings.radius,
+            screen=screen,
             memory_bf16=None if memory_bf16 is None else memory_bf16[:, :, :filled],
             workspace=workspace,
         )

@@ -81,18 +81,35 @@ def screening_available(device: torch.device) -> bool:
 
 
 class ScreeningStats:
-    """How often screening had to fall back to a whole float32 block, so a workspace can stop trying.
-    The worker threads of one frame record into one instance."""
+    """How often screening had to fall back to a whole float32 block, so a workspace can stop trying, and
+    what fraction of a block's keys were candidates. The worker threads of a frame record into one."""
 
     def __init__(self) -> None:
         self.blocks = 0
         self.fallbacks = 0
+        self.candidate_fraction_sum = 0.0
+        self.candidate_fraction_min = float("inf")
+        self.candidate_fraction_max = 0.0
         self._lock = threading.Lock()
 
-    def record(self, fell_back: bool) -> None:
+    def record(self, fell_back: bool, candidate_fraction: float = 0.0) -> None:
         with self._lock:
             self.blocks += 1
             self.fallbacks += int(fell_back)
+            self.candidate_fraction_sum += candidate_fraction
+            self.candidate_fraction_min = min(self.candidate_fraction_min, candidate_fraction)
+            self.candidate_fraction_max = max(self.candidate_fraction_max, candidate_fraction)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Counts and the mean / min / max candidate fraction of the screened blocks (None if none)."""
+        screened = self.blocks > 0
+        return {
+            "blocks": self.blocks,
+            "fallbacks": self.fallbacks,
+            "candidate_fraction_mean": self.candidate_fraction_sum / self.blocks if screened else None,
+            "candidate_fraction_min": self.candidate_fraction_min if screened else None,
+            "candidate_fraction_max": self.candidate_fraction_max if screened else None,
+        }
 
     @property
     def worthwhile(self) -> bool:
