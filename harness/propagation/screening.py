@@ -66,18 +66,21 @@ def screening_thresholds(
     return threshold - (approx_kth - threshold) * 0.01 - 1e-6 * max(1.0, temperature)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def screening_available(device: torch.device) -> bool:
     """bfloat16 screening pays off only where bfloat16 products are fast: CPUs with native bf16 support.
 
     On CUDA the float32 path is used (it was not measured with screening); on a CPU without bf16
     instructions a bfloat16 product is emulated and slower than float32.
     """
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 class ScreeningStats:
