@@ -405,6 +405,10 @@ def propagate_prepared(
         frame.memory_bf16 = memory_bf16
         frame.query_bf16 = query.to(torch.bfloat16)
         frame.query_rounding = (query - frame.query_bf16.to(torch.float32)).norm(dim=-1)
+        # candidates' float32 keys and masks are gathered by storage row (once per frame: a memory view
+        # whose rows are not evenly spaced is copied here, not in every block)
+        frame.feat_rows, frame.feat_steps = _rows_of(memory_feats)
+        frame.mask_rows, frame.mask_steps = _rows_of(memory_masks)
     output = torch.empty((height, width, n_classes), dtype=torch.float32, device=device)
 
     def buffers(worker: int) -> _Buffers:
@@ -457,6 +461,10 @@ class _Frame:
     memory_bf16: torch.Tensor | None = None
     query_bf16: torch.Tensor | None = None
     query_rounding: torch.Tensor | None = None
+    feat_rows: torch.Tensor | None = None
+    feat_steps: tuple[int, int, int] = (0, 0, 0)
+    mask_rows: torch.Tensor | None = None
+    mask_steps: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def screening(self) -> bool:
@@ -585,7 +593,6 @@ def _screened_block(
     """Soft output (Q, K+1) of one block through bfloat16 screening, or None when too many keys are
     candidates (the caller then runs the float32 block). ``keys_bf16`` is the block's (kh, kw, N, C)."""
     query, query_bf16, query_rounding = frame.query, frame.query_bf16, frame.query_rounding
-    memory_feats, memory_masks = frame.memory_feats, frame.memory_masks
     similarity, temperature, topk = frame.similarity, frame.temperature, frame.topk
     (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
     key_rows, key_cols, n_memory, channels = keys_bf16.shape
@@ -612,19 +619,17 @@ def _screened_block(
     if fall_back:
         return None
     # block key order is (row, column, frame): back to rows of the memory's storage
-    feat_rows, (row_step, col_step, frame_step) = _rows_of(memory_feats)
-    mask_rows, (mask_row_step, mask_col_step, mask_frame_step) = _rows_of(memory_masks)
     frames = used % n_memory
     cols = (used // n_memory) % key_cols + block.key_cols[0]
     rows = used // (n_memory * key_cols) + block.key_rows[0]
-    feat_index = rows * row_step + cols * col_step + frames * frame_step
-    mask_index = rows * mask_row_step + cols * mask_col_step + frames * mask_frame_step
-    keys = torch.index_select(
-        feat_rows, 0, feat_index, out=buffers.gathered("candidate_feats", n_used, channels)
-    )
-    key_masks = torch.index_select(
-        mask_rows, 0, mask_index, out=buffers.gathered("candidate_masks", n_used, mask_rows.shape[1])
-    )
+
+    def gather(storage_rows: torch.Tensor, steps: tuple[int, int, int], name: str) -> torch.Tensor:
+        index = rows * steps[0] + cols * steps[1] + frames * steps[2]
+        out = buffers.gathered(name, n_used, storage_rows.shape[1])
+        return torch.index_select(storage_rows, 0, index, out=out)
+
+    keys = gather(frame.feat_rows, frame.feat_steps, "candidate_feats")
+    key_masks = gather(frame.mask_rows, frame.mask_steps, "candidate_masks")
     queries_t = query[qr0:qr1, qc0:qc1].reshape(n_queries, channels).t().contiguous()
     exact = buffers.key_major[: n_used * n_queries].view(n_used, n_queries)
     _fill_logits(exact, keys, queries_t, similarity, temperature)
