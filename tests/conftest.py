@@ -1,7 +1,9 @@
-"""Shared fixtures: the synthetic dataset is generated once per test session."""
+"""Shared fixtures: the synthetic dataset and a migrated MLflow store are made once per test session."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,3 +25,23 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is not present (only the developers' machines and CI have it)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def fresh_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[str, str]]:
+    """name -> (tracking URI, artifact location URI) of a new SQLite MLflow store, copied from one migrated
+    template (MLflow's SQLite migrations take seconds: they run once per session)."""
+    from mlflow import MlflowClient
+
+    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
+    if not template.exists():
+        building = template.with_suffix(".building")
+        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()
+        building.replace(template)
+
+    def new(name: str) -> tuple[str, str]:
+        folder = tmp_path_factory.mktemp(name)
+        shutil.copy(template, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
+
+    return new

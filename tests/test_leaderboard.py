@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:run .* no overlay images")
 
 EXPERIMENT = "diffvos-leaderboard"
 METRIC_COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
-
-
-def fresh_store(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[str, str]:
-    """(tracking URI, artifact location URI) of a new SQLite store, copied from a migrated template."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():
-        building = template.with_suffix(".building")
-        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()
-        building.replace(template)
-    folder = tmp_path_factory.mktemp(name)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
 
 def object_scores(sequence: str, j: float, f: float) -> ObjectScores:
@@ -89,8 +77,10 @@ def log_trial(tracker: StudyTracker, parent: str, trial: int, timestep: int, tem
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    uri, artifacts = fresh_store(tmp_path_factory, "leaderboard-store")
+def store(
+    tmp_path_factory: pytest.TempPathFactory, fresh_store: Callable[[str], tuple[str, str]]
+) -> dict[str, object]:
+    uri, artifacts = fresh_store("leaderboard-store")
     tracking = TrackingConfig(tracking_uri=uri, experiment=EXPERIMENT, artifact_location=artifacts)
     run_ids: dict[tuple[str, int], str] = {}
     trackers: dict[str, StudyTracker] = {}

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
 from harness.config import RunConfig
 from harness.evaluation import ObjectScores
@@ -25,18 +24,6 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 EXPERIMENT = "diffvos-notebook"
 
 
-def fresh_store(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[str, str]:
-    """(tracking URI, artifact location URI) of a new SQLite store, copied from a migrated template."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():
-        building = template.with_suffix(".building")
-        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()
-        building.replace(template)
-    folder = tmp_path_factory.mktemp(name)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
-
-
 #: study -> list of (timestep, layer, temperature)
 STUDIES = {
     "timestep": [(0, 6, 0.2), (25, 6, 0.2), (50, 6, 0.2), (100, 6, 0.2)],
@@ -45,8 +32,10 @@ STUDIES = {
 
 
 @pytest.fixture(scope="module")
-def leaderboard_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    uri, artifacts = fresh_store(tmp_path_factory, "notebook-store")
+def leaderboard_csv(
+    tmp_path_factory: pytest.TempPathFactory, fresh_store: Callable[[str], tuple[str, str]]
+) -> Path:
+    uri, artifacts = fresh_store("notebook-store")
     tracking = TrackingConfig(tracking_uri=uri, experiment=EXPERIMENT, artifact_location=artifacts)
     for study, trials in STUDIES.items():
         tracker = StudyTracker(tracking, study)

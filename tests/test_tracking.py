@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,24 +43,12 @@ from harness.tracking import (
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# -- a tracking store per module (MLflow's SQLite migrations take seconds: run them once per session) -----
-
-
-def fresh_store(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[str, str]:
-    """(tracking URI, artifact location URI) of a new SQLite store, copied from a migrated template."""
-    template = tmp_path_factory.getbasetemp() / "mlflow-template.db"
-    if not template.exists():
-        building = template.with_suffix(".building")
-        MlflowClient(tracking_uri=f"sqlite:///{building}").search_experiments()
-        building.replace(template)
-    folder = tmp_path_factory.mktemp(name)
-    shutil.copy(template, folder / "mlflow.db")
-    return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
+# -- a tracking store per module (copied from the session template of conftest.fresh_store) ----------------
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory: pytest.TempPathFactory) -> TrackingConfig:
-    uri, artifacts = fresh_store(tmp_path_factory, "tracking-store")
+def tracking(fresh_store: Callable[[str], tuple[str, str]]) -> TrackingConfig:
+    uri, artifacts = fresh_store("tracking-store")
     return TrackingConfig(tracking_uri=uri, experiment="diffvos-test", artifact_location=artifacts)
 
 
