@@ -244,8 +244,8 @@ def _adm_fp32_phase(
     settings: ExtractionSettings,
     device: str,
 ) -> tuple[dict[str, Timing], float, torch.Tensor | None]:
-    """Released vs stop-at-layer on one fp32 model: (timings, relative difference, our features on CUDA
-    as the reference for the bf16 variants). The model is dropped when this returns."""
+    """Released vs stop-at-layer on one fp32 model: (timings, relative difference, our features as the
+    reference for the bf16 variants when those are timed). The model is dropped when this returns."""
     plain = ADMBackbone(config, device=device, dtype="fp32").load()
 
     def released() -> torch.Tensor:
@@ -254,17 +254,27 @@ def _adm_fp32_phase(
     def stop_at_layer() -> torch.Tensor:
         return plain.extract(frames, layers=[layer], frame_indices=[0], **call)[layer]
 
-    difference = _relative_difference(stop_at_layer(), released())
-    if difference > FP32_AGREEMENT:
-        raise RuntimeError(f"ADM: stop-at-layer and full-UNet features differ by {difference:.3g} (relative)")
-    timings = time_interleaved(
-        {"released": released, "stop": stop_at_layer},
-        repeats=settings.repeats,
-        warmup=settings.warmup,
-        device=device,
-    )
+    timings, difference = _checked_fp32_timings("ADM", released, stop_at_layer, settings, device)
     reference = stop_at_layer().float() if bf16_variants(device) else None
     return timings, difference, reference
+
+
+def _checked_fp32_timings(
+    model: str,
+    released: Callable[[], torch.Tensor],
+    ours: Callable[[], torch.Tensor],
+    settings: ExtractionSettings,
+    device: str,
+) -> tuple[dict[str, Timing], float]:
+    """Timings of the released and our fp32 path ("released", "ours"), interleaved, once their features
+    agree to FP32_AGREEMENT (relative); and that difference."""
+    difference = _relative_difference(ours(), released())
+    if difference > FP32_AGREEMENT:
+        raise RuntimeError(f"{model}: our fp32 features and the released path's differ by {difference:.3g}")
+    timings = time_interleaved(
+        {"released": released, "ours": ours}, repeats=settings.repeats, warmup=settings.warmup, device=device
+    )
+    return timings, difference
 
 
 def bf16_variants(device: str) -> bool:
@@ -292,7 +302,7 @@ def benchmark_adm(settings: ExtractionSettings, options: BenchOptions, peak_tflo
     rows = [
         _variant_row("released: full UNet, fp32", timings["released"], full_flops, None, peak_tflops),
         _variant_row(
-            "ours: stop at layer, fp32", timings["stop"], layer_flops, baseline_seconds, peak_tflops
+            "ours: stop at layer, fp32", timings["ours"], layer_flops, baseline_seconds, peak_tflops
         ),
     ]
     _release_memory()
@@ -493,15 +503,7 @@ def benchmark_sd(settings: ExtractionSettings, options: BenchOptions, peak_tflop
     def ours_fp32() -> torch.Tensor:
         return plain.extract(frames, layers=[layer], frame_indices=[0], **call)[layer]
 
-    difference = _relative_difference(ours_fp32(), released())
-    if difference > FP32_AGREEMENT:
-        raise RuntimeError(f"SD: encode-once/stop-at-layer and released features differ by {difference:.3g}")
-    timings = time_interleaved(
-        {"released": released, "ours": ours_fp32},
-        repeats=settings.repeats,
-        warmup=settings.warmup,
-        device=device,
-    )
+    timings, difference = _checked_fp32_timings("SD", released, ours_fp32, settings, device)
     baseline_seconds = timings["released"].median
     rows = [
         _variant_row(
