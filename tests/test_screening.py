@@ -153,10 +153,10 @@ def test_every_block_falling_back_gives_the_same_result_and_stops_screening(
         propagate_frame(query, memory_feats, masks, screen=True, workspace=workspace, **kwargs)
     assert not stats.worthwhile
     monkeypatch.setattr(affinity, "screening_available", lambda device: True)
-    assert not affinity._screening_enabled(None, "cosine", torch.device("cpu"), workspace)
-    assert affinity._screening_enabled(True, "cosine", torch.device("cpu"), workspace)
-    assert affinity._screening_enabled(None, "cosine", torch.device("cpu"), PropagationWorkspace())
-    assert not affinity._screening_enabled(True, "l1", torch.device("cpu"), PropagationWorkspace())
+    assert not affinity.uses_screening(None, "cosine", torch.device("cpu"), workspace)
+    assert affinity.uses_screening(True, "cosine", torch.device("cpu"), workspace)
+    assert affinity.uses_screening(None, "cosine", torch.device("cpu"), PropagationWorkspace())
+    assert not affinity.uses_screening(True, "l1", torch.device("cpu"), PropagationWorkspace())
 
 
 def test_screening_stats_patience() -> None:

@@ -368,7 +368,7 @@ def propagate_prepared(
     n_classes = memory_masks.shape[-1]
     device = memory_feats.device
     workspace = workspace if workspace is not None else PropagationWorkspace()
-    screening = _screening_enabled(screen, similarity, device, workspace)
+    screening = uses_screening(screen, similarity, device, workspace)
     strips = plan_blocks(
         height,
         width,
@@ -525,9 +525,10 @@ def _propagate_strips(strips: list[KeyStrip], frame: _Frame, buffers: _Buffers, 
             output[qr0:qr1, qc0:qc1] = mixed.view(qr1 - qr0, qc1 - qc0, n_classes)
 
 
-def _screening_enabled(
+def uses_screening(
     screen: bool | None, similarity: str, device: torch.device, workspace: PropagationWorkspace
 ) -> bool:
+    """Whether a frame is screened in bfloat16: see propagate_prepared's ``screen``."""
     if screen is False or similarity == "l1":
         return False
     if screen is True:

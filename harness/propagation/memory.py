@@ -23,8 +23,8 @@ from harness.propagation.affinity import (
     check_propagation_params,
     propagate_prepared,
     unit_query,
+    uses_screening,
 )
-from harness.propagation.screening import screening_available
 
 #: Written masks are uint8 channel indices.
 MAX_CLASSES = 256
@@ -241,7 +241,7 @@ def _propagate(
     memory_masks[:, :, 0] = onehot.permute(1, 2, 0)
     # a bfloat16 copy of the memory, kept beside it, where propagate_prepared screens keys in bfloat16
     memory_bf16 = None
-    if settings.similarity != "l1" and (screen is True or (screen is None and screening_available(device))):
+    if uses_screening(screen, settings.similarity, device, workspace):
         memory_bf16 = torch.empty((height, width, slots, channels), dtype=torch.bfloat16, device=device)
         memory_bf16[:, :, 0] = first
     filled = 1
