@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator
-from harness.errors import ConfigError
+from backbones.errors import ConfigError
 
 __all__ = [
     "Backbone",

@@ -25,7 +25,7 @@ import torch
 from backbones import register
 from backbones.adm_unet import ADM_256_UNCOND, ADM_TINY, ADMConfig, ADMUNet
 from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator, linear_alphas_cumprod
-from harness.errors import ConfigError, HarnessError, WeightsNotFoundError
+from backbones.errors import ConfigError, HarnessError, WeightsNotFoundError
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
 OFFICIAL_FILENAME = "256x256_diffusion_uncond.pt"
@@ -106,7 +106,7 @@ def random_state_dict(config: ADMConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def _download(url: str, dest: Path, hint: str) -> None:
     """Fetch ``url`` to ``dest`` with the harness downloader (resumable, atomic)."""
-    downloader = importlib.import_module("harness.download")
+    downloader = importlib.import_module("backbones.download")
     downloader.download_file(url, dest, size=None, sha256=None, progress=True, offline_hint=hint)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import ConfigError
+from backbones.errors import ConfigError
 
 
 @dataclass(frozen=True)

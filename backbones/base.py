@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.errors import ConfigError
+from backbones.errors import ConfigError
 
 LayerKey = int | str
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from backbones import register
 from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator
-from harness.errors import ConfigError, WeightsNotFoundError
+from backbones.errors import ConfigError, WeightsNotFoundError
 
 #: bump when the feature definition changes, so that cached features are not reused
 FEATURE_VERSION = "sd-features-v1"

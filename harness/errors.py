@@ -1,17 +1,9 @@
-"""Exception types that the command line turns into one clear message and a non-zero exit."""
+"""Exception types that the command line turns into one clear message and a non-zero exit.
 
+They are defined in :mod:`backbones.errors` (dependencies run one way, harness -> backbones) and
+re-exported here for the rest of the harness.
+"""
 
-class HarnessError(Exception):
-    """Base class for errors caused by the user's input or environment, not by a bug."""
+from backbones.errors import ConfigError, DataError, HarnessError, WeightsNotFoundError
 
-
-class DataError(HarnessError):
-    """A dataset file or folder is missing, unreadable or malformed."""
-
-
-class ConfigError(HarnessError):
-    """A configuration or study file has an unknown key or a bad value."""
-
-
-class WeightsNotFoundError(HarnessError):
-    """Model weights are not on disk and cannot be downloaded."""
+__all__ = ["ConfigError", "DataError", "HarnessError", "WeightsNotFoundError"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import backbones.adm as adm
-import harness.download
+import backbones.download
 from backbones import load_backbone
 from backbones.adm import ADMBackbone, file_sha256, random_state_dict, weights_dir
 from backbones.adm_unet import (
@@ -399,7 +399,7 @@ def test_explicit_missing_weights_file_is_not_downloaded(
     def must_not_download(*args: object, **kwargs: object) -> None:
         raise AssertionError("explicit weights must not trigger a download")
 
-    monkeypatch.setattr(harness.download, "download_file", must_not_download)
+    monkeypatch.setattr(backbones.download, "download_file", must_not_download)
     path = tmp_path / "nowhere.pt"
     with pytest.raises(WeightsNotFoundError, match="nowhere.pt"):
         load_backbone("adm", weights=str(path), device="cpu").load()  # type: ignore[attr-defined]
@@ -412,7 +412,7 @@ def test_offline_lookup_raises_one_clear_error(tmp_path: Path, monkeypatch: pyte
         calls.append((url, Path(dest)))
         raise HarnessError(f"cannot download {url}: network is unreachable")
 
-    monkeypatch.setattr(harness.download, "download_file", offline)
+    monkeypatch.setattr(backbones.download, "download_file", offline)
     monkeypatch.setenv(adm.WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
     backbone = load_backbone("adm", device="cpu")  # building is cheap: nothing is read yet
     expected_path = tmp_path / "weights" / adm.OFFICIAL_FILENAME

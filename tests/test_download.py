@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from backbones.download import download_file, is_offline_error
 from harness.data import open_dataset
 from harness.data.download import DAVIS_ARCHIVES, download_davis2017
-from harness.download import download_file, is_offline_error
 from harness.errors import ConfigError, DataError, HarnessError
 
 BLOB = np.random.default_rng(7).integers(0, 256, size=300_000, dtype=np.uint8).tobytes()

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from harness.download import download_file
+from backbones.download import download_file
 from harness.errors import ConfigError, DataError
 
 DAVIS_BASE_URL = "https://data.vision.ee.ethz.ch/csergi/share/davis/"

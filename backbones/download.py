@@ -24,7 +24,7 @@ from typing import BinaryIO, Protocol
 
 from tqdm import tqdm
 
-from harness.errors import HarnessError
+from backbones.errors import HarnessError
 
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "diffvos-harness/0.1 (+urllib)"
