@@ -21,6 +21,15 @@ from harness.methods.training_free_vos.vmf import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small ops: on a shared CPU, one intra-op thread is much faster than several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sample_vmf(mean: np.ndarray, kappa: float, n: int, rng: np.random.Generator) -> np.ndarray:
     """n draws from vMF(mean, kappa) on S^{d-1} by Wood's (1994) rejection sampler."""
     d = mean.shape[0]

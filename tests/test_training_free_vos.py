@@ -1,0 +1,214 @@
+"""The Training-Free-VOS method on the synthetic set, through a small stand-in for the sequence context."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from backbones import load_backbone
+from harness.data.dataset import open_dataset
+from harness.errors import ConfigError
+from harness.frames import load_network_inputs, network_input_size
+from harness.methods.training_free_vos.method import (
+    ObjectModel,
+    TrainingFreeVosSettings,
+    component_counts,
+    object_sizes,
+    position_features,
+    scaled_window,
+    segment_sequence,
+    window_counts,
+)
+from harness.methods.training_free_vos.vmf import SufficientStats
+
+#: small and quick; random-conv features have norms ~2, so they are rescaled like XCiT's (feature_norm)
+FAST = TrainingFreeVosSettings(feature_norm=20.0, num_models=5, em_max_iters=30, crf_fit_steps=3)
+
+
+@dataclass
+class StandInContext:
+    """The attributes of harness.methods.base.SequenceContext the method reads."""
+
+    name: str
+    frames: torch.Tensor  # (T, 3, H, W) in [-1, 1]
+    feature_maps: torch.Tensor  # (T, C, h, w)
+    first_labels: np.ndarray
+    num_classes: int
+    output_size: tuple[int, int]
+    ground_truth: list[np.ndarray] | None = None
+    device: Any = "cpu"
+    progress: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[3])
+
+    def features(self, t: int) -> torch.Tensor:
+        return self.feature_maps[t]
+
+    def load_frames(self, indices: list[int]) -> torch.Tensor:
+        return self.frames[list(indices)]
+
+
+def synth_context(root: Path, name: str, short_side: int = 96, layer: int = 1) -> StandInContext:
+    dataset = open_dataset(root, "val")
+    sequence = dataset.sequence(name)
+    width, height = sequence.frame_size()
+    size = network_input_size(width, height, short_side, 8)
+    frames = load_network_inputs(list(sequence.frames), size)
+    backbone = load_backbone("random-conv", device="cpu")
+    feats = backbone.extract(
+        frames,
+        timestep=0,
+        layers=[layer],
+        ensemble_size=1,
+        seed=0,
+        sequence=name,
+        frame_indices=list(range(len(sequence.frames))),
+    )[layer]
+    masks = [sequence.load_mask(n) for n in sequence.frame_names]
+    first = masks[0].copy()
+    first[first == 255] = 0
+    return StandInContext(
+        name, frames, feats, first, int(first.max()) + 1, (height, width), ground_truth=masks
+    )
+
+
+def mean_iou(predictions: dict[int, np.ndarray], truth: list[np.ndarray], num_classes: int) -> float:
+    scores = []
+    for t, labels in predictions.items():
+        gt = truth[t]
+        valid = gt != 255
+        for k in range(1, num_classes):
+            a, b = (labels == k) & valid, (gt == k) & valid
+            union = (a | b).sum()
+            if union:
+                scores.append((a & b).sum() / union)
+    return float(np.mean(scores))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many small ops: on a shared CPU, one intra-op thread is much faster than several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def truncated(ctx: StandInContext, frames: int) -> StandInContext:
+    return dataclasses.replace(ctx, frames=ctx.frames[:frames], feature_maps=ctx.feature_maps[:frames])
+
+
+@pytest.fixture(scope="module")
+def contexts(synth_root: Path) -> list[StandInContext]:
+    """synth-occlusion (one object passes in front of another) and synth-shapes (four moving shapes)."""
+    return [synth_context(synth_root, name) for name in ("synth-occlusion", "synth-shapes")]
+
+
+def test_yields_every_later_frame_at_the_output_size(contexts: list[StandInContext]) -> None:
+    ctx = truncated(contexts[0], 4)
+    out = list(segment_sequence(ctx, FAST))
+    assert [t for t, _ in out] == list(range(1, ctx.num_frames))
+    for _, labels in out:
+        assert labels.shape == ctx.output_size and labels.dtype == np.uint8
+        assert labels.max() < ctx.num_classes
+
+
+def test_tracks_objects_better_than_copying_the_first_mask(contexts: list[StandInContext]) -> None:
+    ours, static = [], []
+    for ctx in contexts:
+        assert ctx.ground_truth is not None
+        predictions = dict(segment_sequence(ctx, FAST))
+        ours.append(mean_iou(predictions, ctx.ground_truth, ctx.num_classes))
+        copies = {t: ctx.first_labels for t in predictions}
+        static.append(mean_iou(copies, ctx.ground_truth, ctx.num_classes))
+    assert np.mean(ours) > np.mean(static) + 0.1, (ours, static)
+
+
+def test_same_settings_give_the_same_masks(contexts: list[StandInContext]) -> None:
+    ctx = truncated(contexts[1], 3)
+    settings = dataclasses.replace(FAST, crf=False)
+    a = [labels for _, labels in segment_sequence(ctx, settings)]
+    b = [labels for _, labels in segment_sequence(ctx, settings)]
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError):
+        TrainingFreeVosSettings(num_models=0)
+    with pytest.raises(ConfigError):
+        TrainingFreeVosSettings(position_dim=10)
+    with pytest.raises(ConfigError):
+        TrainingFreeVosSettings(gate_low=0.9, gate_high=0.5)
+
+
+def test_window_counts_match_a_loop() -> None:
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 3, size=(9, 11)))
+    counts = window_counts(labels, 3, (3, 5)).numpy()
+    padded = np.pad(labels.numpy(), ((1, 1), (2, 2)), mode="reflect")
+    for y in range(9):
+        for x in range(11):
+            window = padded[y : y + 3, x : x + 5]
+            assert [int((window == k).sum()) for k in range(3)] == counts[:, y, x].tolist()
+
+
+def test_released_geometry_at_the_reference_grid() -> None:
+    settings = TrainingFreeVosSettings()
+    assert scaled_window(settings, 120) == (19, 39)
+    pe = position_features(120, 208, 64)
+    assert pe.shape == (120 * 208, 64)
+    # at the reference grid, a pixel's position feature is (sin, cos) pairs of y and x: norm sqrt(32)
+    assert torch.allclose(pe.norm(dim=1), torch.full((120 * 208,), math.sqrt(32.0)))
+    # half the frame at 120 rows and at 30 rows: the same feature (coordinates in reference pixels)
+    assert torch.allclose(position_features(30, 52, 64)[15 * 52 + 26], pe[60 * 208 + 104], atol=1e-4)
+
+
+def test_component_counts_follow_the_released_linspace() -> None:
+    labels = np.zeros((120, 208), dtype=np.int64)
+    labels[:60, :104] = 1  # a quarter of the reference grid, a quarter of 480 x 480: sqrt(57600 / 8)
+    sizes = object_sizes(labels, 2)
+    assert sizes[1] == pytest.approx(math.sqrt(7200))
+    fg = component_counts(sizes[1], 10, False, 350)
+    bg = component_counts(sizes[0], 10, True, 350)
+    assert fg[0] == 2 and fg[-1] == int(sizes[1]) and fg == sorted(fg)
+    assert bg[0] == 56 and bg[-1] == int(sizes[0])
+
+
+def test_older_statistics_take_the_new_position_part() -> None:
+    def stats(mass: float, value: float) -> SufficientStats:
+        return SufficientStats(torch.full((1, 1), mass), torch.full((1, 1, 4), value))
+
+    model = ObjectModel(mixtures=None, anchor=stats(2.0, 1.0))  # type: ignore[arg-type]
+    model.remember(1.0, stats(4.0, 3.0), slice(2, 4), history_size=2)
+    expected = torch.tensor([1.0, 1.0, 1.5, 1.5])  # position part: 3 * (2 + 1e-6) / (4 + 1e-6)
+    assert torch.allclose(model.anchor.weighted_sum[0, 0], expected)
+    for t in range(2, 5):
+        model.remember(float(t), stats(1.0, 1.0), slice(2, 4), history_size=2)
+    assert [time for time, _ in model.history] == [3.0, 4.0]
+    prior = model.prior(5.0, 0.33)
+    weight = model.anchor_weight(0.33) * 2.0 + math.exp(-1.0) + math.exp(-0.5)
+    assert float(prior.mass) == pytest.approx(weight)
+
+
+def test_first_frame_labels_are_not_needed_at_the_feature_size(contexts: list[StandInContext]) -> None:
+    """The first mask is given at the original size; a one-object sequence works end to end."""
+    ctx = truncated(contexts[0], 3)
+    one = np.where(ctx.first_labels == 1, 1, 0).astype(np.uint8)
+    single = dataclasses.replace(ctx, first_labels=one, num_classes=2)
+    out = list(segment_sequence(single, dataclasses.replace(FAST, crf=False)))
+    assert len(out) == ctx.num_frames - 1
+    assert all(np.unique(labels).tolist() in ([0], [0, 1], [1]) for _, labels in out)
