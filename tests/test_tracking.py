@@ -88,15 +88,8 @@ def write_dataset_and_predictions(root: Path, predictions: Path) -> None:
         write_mask(root / "Annotations" / "480p" / name / "00000.png", labels, DAVIS_PALETTE)
 
 
-METRICS = {
-    "J&F-Mean": 0.6125,
-    "J-Mean": 0.65,
-    "J-Recall": 0.75,
-    "J-Decay": 0.05,
-    "F-Mean": 0.575,
-    "F-Recall": 0.625,
-    "F-Decay": 0.125,
-}
+METRICS = {"J&F-Mean": 0.6125, "J-Mean": 0.65, "J-Recall": 0.75, "J-Decay": 0.05,
+           "F-Mean": 0.575, "F-Recall": 0.625, "F-Decay": 0.125}
 TIMINGS = {"setup": 0.5, "extraction": 1.25, "propagation": 2.0, "evaluation": 0.25, "total": 4.0}
 # alpha: objects (J, F) = (0.8, 0.6) and (0.4, 0.2) -> J&F = mean(0.7, 0.3) = 0.5; beta: (1.0, 0.9) -> 0.95
 EXPECTED_JF = {"alpha": 0.5, "beta": 0.95}
@@ -120,38 +113,15 @@ def make_result(base: Path) -> RunResult:
     (output / "config.yaml").write_text("backbone:\n  name: random-conv\nresolved:\n  timestep: 25\n")
     outcomes = [
         # alpha: object 1 J = [1.0, 0.8, 0.6] -> mean 0.8, recall 1, decay mean(1.0, 0.8) - 0.6 = 0.3
-        SequenceOutcome(
-            0,
-            "alpha",
-            5,
-            [1, 2],
-            [
-                object_scores("alpha", 1, [1.0, 0.8, 0.6], [0.6] * 3),
-                object_scores("alpha", 2, [0.4] * 3, [0.2] * 3),
-            ],
-            {"extraction": 1.0, "propagation": 1.5},
-        ),
-        SequenceOutcome(
-            1,
-            "beta",
-            3,
-            [1],
-            [object_scores("beta", 1, [1.0], [0.9])],
-            {"extraction": 0.25, "propagation": 0.5},
-        ),
+        SequenceOutcome(0, "alpha", 5, [1, 2], [object_scores("alpha", 1, [1.0, 0.8, 0.6], [0.6] * 3),
+                                                object_scores("alpha", 2, [0.4] * 3, [0.2] * 3)],
+                        {"extraction": 1.0, "propagation": 1.5}),
+        SequenceOutcome(1, "beta", 3, [1], [object_scores("beta", 1, [1.0], [0.9])],
+                        {"extraction": 0.25, "propagation": 0.5}),
     ]
-    return RunResult(
-        make_config(root, output),
-        output,
-        predictions,
-        timestep=25,
-        layer=1,
-        metrics=dict(METRICS),
-        evaluation=None,
-        sequences=outcomes,
-        timings=dict(TIMINGS),
-        cache_stats=CacheStats(hits=3, misses=2),
-    )
+    return RunResult(make_config(root, output), output, predictions, timestep=25, layer=1,
+                     metrics=dict(METRICS), evaluation=None, sequences=outcomes, timings=dict(TIMINGS),
+                     cache_stats=CacheStats(hits=3, misses=2))
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +191,8 @@ def test_project_git_commit_reads_head_or_none(tmp_path: Path) -> None:
 # -- parent and child runs -----------------------------------------------------------------------------
 
 
-def test_parent_run_is_created_once(
-    logged: dict[str, object], tracking: TrackingConfig, client: MlflowClient
-) -> None:
+def test_parent_run_is_created_once(logged: dict[str, object], tracking: TrackingConfig,
+                                    client: MlflowClient) -> None:
     parent = logged["parent"]
     assert logged["tracker"].ensure_parent_run("timestep sweep") == parent
     # another process: a new tracker on the same store finds the same parent
@@ -239,9 +208,8 @@ def test_parent_run_is_created_once(
     assert run.data.params["space.t"] == "[0, 50]"
 
 
-def test_duplicate_parents_after_a_race_resolve_to_the_oldest(
-    tracking: TrackingConfig, client: MlflowClient
-) -> None:
+def test_duplicate_parents_after_a_race_resolve_to_the_oldest(tracking: TrackingConfig,
+                                                              client: MlflowClient) -> None:
     first = StudyTracker(tracking, "raced").ensure_parent_run()
     # what a second process that created its parent at the same moment would leave behind
     experiment_id = client.get_experiment_by_name("diffvos-test").experiment_id
@@ -250,9 +218,8 @@ def test_duplicate_parents_after_a_race_resolve_to_the_oldest(
     assert late.info.run_id != first
 
 
-def test_parents_of_different_studies_are_distinct(
-    logged: dict[str, object], tracking: TrackingConfig
-) -> None:
+def test_parents_of_different_studies_are_distinct(logged: dict[str, object],
+                                                    tracking: TrackingConfig) -> None:
     other = StudyTracker(tracking, "study-b").ensure_parent_run()
     assert other != logged["parent"]
 
@@ -279,9 +246,8 @@ def test_environment_tags(logged: dict[str, object], client: MlflowClient) -> No
     assert tags.get("diffvos.git_commit") == commit
 
 
-def test_params_hold_flattened_settings_and_resolved_values(
-    logged: dict[str, object], client: MlflowClient
-) -> None:
+def test_params_hold_flattened_settings_and_resolved_values(logged: dict[str, object],
+                                                            client: MlflowClient) -> None:
     params = client.get_run(logged["trial"].run_id).data.params
     assert params["propagation.temperature"] == "0.1"
     assert params["propagation.topk"] == "5"
@@ -309,14 +275,11 @@ def test_metrics_use_mlflow_safe_names(logged: dict[str, object], client: Mlflow
         assert metrics[f"jf/{name}"] == pytest.approx(jf)
 
 
-def test_sequence_metric_is_stepped_by_sequence_index(
-    logged: dict[str, object], client: MlflowClient
-) -> None:
+def test_sequence_metric_is_stepped_by_sequence_index(logged: dict[str, object],
+                                                       client: MlflowClient) -> None:
     history = client.get_metric_history(logged["trial"].run_id, "sequence_jf")
-    assert sorted((m.step, round(m.value, 9)) for m in history) == [
-        (0, EXPECTED_JF["alpha"]),
-        (1, EXPECTED_JF["beta"]),
-    ]
+    assert sorted((m.step, round(m.value, 9)) for m in history) == [(0, EXPECTED_JF["alpha"]),
+                                                                     (1, EXPECTED_JF["beta"])]
     # log_result does not log the per-sequence metric a second time
     assert [m.step for m in client.get_metric_history(logged["trial"].run_id, "jf/beta")] == [1]
 
@@ -336,14 +299,8 @@ def test_artifacts(logged: dict[str, object], client: MlflowClient, tmp_path: Pa
 
     overlays = Path(client.download_artifacts(run_id, "overlays", str(tmp_path)))
     found = sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png"))
-    assert found == [
-        "alpha/00000.png",
-        "alpha/00002.png",
-        "alpha/00004.png",
-        "beta/00000.png",
-        "beta/00001.png",
-        "beta/00002.png",
-    ]
+    assert found == ["alpha/00000.png", "alpha/00002.png", "alpha/00004.png",
+                     "beta/00000.png", "beta/00001.png", "beta/00002.png"]
     assert Image.open(overlays / "alpha" / "00002.png").size == (480, 240)
     beta = np.asarray(Image.open(overlays / "beta" / "00001.png").convert("RGB"))
     assert beta.shape == (48, 64, 3)
@@ -356,11 +313,8 @@ def test_artifacts(logged: dict[str, object], client: MlflowClient, tmp_path: Pa
     assert float(rows[0]["J&F"]) == pytest.approx(0.5)
     assert float(rows[0]["J-Mean"]) == pytest.approx(0.6) and float(rows[0]["F-Mean"]) == pytest.approx(0.4)
     objects = list(csv.DictReader(io.StringIO(download_text(client, run_id, "per_object.csv", tmp_path))))
-    assert [(row["sequence"], row["object"]) for row in objects] == [
-        ("alpha", "1"),
-        ("alpha", "2"),
-        ("beta", "1"),
-    ]
+    assert [(row["sequence"], row["object"]) for row in objects] == [("alpha", "1"), ("alpha", "2"),
+                                                                       ("beta", "1")]
     first, second = objects[0], objects[1]
     assert float(first["J-Mean"]) == pytest.approx(0.8) and float(first["J-Decay"]) == pytest.approx(0.3)
     assert float(first["J-Recall"]) == 1.0 and first["scored_frames"] == "3"
@@ -421,9 +375,8 @@ def test_context_manager_fails_the_run_on_exception(logged: dict[str, object], c
     assert "diffvos.error" not in info.data.tags
 
 
-def test_changed_setting_is_kept_and_reported_not_fatal(
-    logged: dict[str, object], client: MlflowClient, tmp_path: Path
-) -> None:
+def test_changed_setting_is_kept_and_reported_not_fatal(logged: dict[str, object], client: MlflowClient,
+                                                        tmp_path: Path) -> None:
     tracker: StudyTracker = logged["tracker"]
     result: RunResult = logged["result"]
     started = result.config.with_overrides({"output_dir": "somewhere/else"})
@@ -458,10 +411,8 @@ def test_close_stale_trials_closes_only_running_runs_of_failed_trials(
 # -- the parent's summary ------------------------------------------------------------------------------
 
 
-SPACE = {
-    "backbone.timestep": IntDistribution(0, 100, step=10),
-    "backbone.layer": CategoricalDistribution(["6", "up_ft2"]),
-}
+SPACE = {"backbone.timestep": IntDistribution(0, 100, step=10),
+         "backbone.layer": CategoricalDistribution(["6", "up_ft2"])}
 
 
 def make_study(outcomes: list[tuple[int, str, float | TrialState]]) -> optuna.Study:
@@ -477,19 +428,10 @@ def make_study(outcomes: list[tuple[int, str, float | TrialState]]) -> optuna.St
     return study
 
 
-def test_update_parent_logs_counts_best_value_and_plots(
-    tracking: TrackingConfig, client: MlflowClient, tmp_path: Path
-) -> None:
-    study = make_study(
-        [
-            (10, "6", 0.5),
-            (20, "6", 0.7),
-            (30, "up_ft2", 0.6),
-            (20, "up_ft2", 0.65),
-            (40, "6", TrialState.FAIL),
-            (50, "6", TrialState.PRUNED),
-        ]
-    )
+def test_update_parent_logs_counts_best_value_and_plots(tracking: TrackingConfig, client: MlflowClient,
+                                                        tmp_path: Path) -> None:
+    study = make_study([(10, "6", 0.5), (20, "6", 0.7), (30, "up_ft2", 0.6), (20, "up_ft2", 0.65),
+                        (40, "6", TrialState.FAIL), (50, "6", TrialState.PRUNED)])
     tracker = StudyTracker(tracking, "plots")
     parent = tracker.ensure_parent_run()
     running = study.ask(SPACE)
@@ -517,9 +459,8 @@ def test_update_parent_logs_counts_best_value_and_plots(
     assert client.get_run(parent).info.status == "RUNNING"  # a resumed sweep reopens its parent
 
 
-def test_update_parent_survives_importance_failure(
-    tracking: TrackingConfig, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_update_parent_survives_importance_failure(tracking: TrackingConfig, client: MlflowClient,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> dict[str, float]:
         raise RuntimeError("fANOVA exploded")
 
@@ -533,9 +474,8 @@ def test_update_parent_survives_importance_failure(
     assert names == ["plots/jf_vs_timestep.png", "plots/optimization_history.png"]
 
 
-def test_update_parent_without_complete_trials_logs_no_plots(
-    tracking: TrackingConfig, client: MlflowClient
-) -> None:
+def test_update_parent_without_complete_trials_logs_no_plots(tracking: TrackingConfig,
+                                                             client: MlflowClient) -> None:
     study = make_study([(10, "6", TrialState.FAIL)])
     tracker = StudyTracker(tracking, "all-failed")
     parent = tracker.ensure_parent_run()
@@ -554,16 +494,14 @@ def test_real_pipeline_run_is_tracked(tracking: TrackingConfig, client: MlflowCl
     from harness.pipeline import run
 
     root = make_synthetic_dataset(tmp_path / "data")
-    config = RunConfig.from_dict(
-        {
-            "dataset": {"root": str(root), "split": "val"},
-            "backbone": {"name": "random-conv", "device": "cpu"},
-            "input": {"short_side": 64},
-            "cache": {"enabled": False},
-            "output_dir": str(tmp_path / "run"),
-            "progress": False,
-        }
-    )
+    config = RunConfig.from_dict({
+        "dataset": {"root": str(root), "split": "val"},
+        "backbone": {"name": "random-conv", "device": "cpu"},
+        "input": {"short_side": 64},
+        "cache": {"enabled": False},
+        "output_dir": str(tmp_path / "run"),
+        "progress": False,
+    })
     tracker = StudyTracker(tracking, "integration")
     parent = tracker.ensure_parent_run()
     trial = tracker.start_trial(parent, 0, {}, config)
