@@ -12,7 +12,7 @@ references below are to it. README.md ("Training-Free-VOS") lists what we do dif
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.errors import ConfigError
+from harness.methods import register_method
 from harness.methods.training_free_vos.crf import RELEASED_KERNELS, PacCrf, PacKernelSpec, fit_to_first_frame
 from harness.methods.training_free_vos.vmf import (
     SufficientStats,
@@ -135,10 +136,13 @@ class SequenceInputs(Protocol):
     input_size: tuple[int, int]
     output_size: tuple[int, int]
     device: Any
+    metrics: dict[str, float]
 
-    def features(self, t: int) -> Tensor: ...
+    @property
+    def features(self) -> Callable[[int], Tensor]: ...
 
-    def load_frames(self, indices: Sequence[int]) -> Tensor: ...
+    @property
+    def load_frames(self) -> Callable[[list[int]], Tensor] | None: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,6 +346,8 @@ class TrainingFreeVos:
 
     def frame_image(self, t: int) -> Tensor:
         """(3, Hc, Wc) 0-255 frame at the CRF's size (bicubic, as main_seg.py:149-151)."""
+        if self.ctx.load_frames is None:
+            raise ConfigError("method training-free-vos: the CRF needs the frames (or set method.crf: false)")
         frame = self.ctx.load_frames([t])[0].to(self.device, torch.float32)
         image = F.interpolate((frame[None] + 1.0) * 127.5, size=self.crf_size, mode="bicubic", antialias=True)
         return image[0].clamp(0.0, 255.0)
@@ -477,6 +483,7 @@ class TrainingFreeVos:
     def run(self) -> Iterator[tuple[int, np.ndarray]]:
         previous = self.setup()
         out_h, out_w = self.ctx.output_size
+        confident_total = 0.0
         for t in range(1, self.ctx.num_frames):
             points = self.frame_points(t)
             image = self.frame_image(t) if self.crf is not None else None
@@ -485,6 +492,7 @@ class TrainingFreeVos:
             raw = first.labels()
             refined = self.grid_labels(self.refine(first, image))
             confident = (first.margin() > self.settings.outlier_margin) & (refined == raw)
+            confident_total += float(confident.float().mean())
             self.update(t, points, refined, confident)
             # pass 2: classify again with the updated models, refine, write (main_seg.py:195-240)
             second = self.score(points, previous, gated=True)
@@ -492,10 +500,25 @@ class TrainingFreeVos:
             previous = self.grid_labels(log_q)
             up = F.interpolate(log_q[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
             yield t, up.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        if self.ctx.num_frames > 1:
+            # the share of pixels that updated the models (outlier margin and CRF agreement)
+            self.ctx.metrics["tfvos_confident_fraction"] = confident_total / (self.ctx.num_frames - 1)
 
     def grid_labels(self, log_q: Tensor) -> Tensor:
         """Labels at the feature grid from CRF-resolution log-potentials (main_seg.py:161-164)."""
         return F.interpolate(log_q[None], size=self.grid, mode="bilinear", align_corners=False)[0].argmax(0)
+
+
+@register_method("training-free-vos")
+class TrainingFreeVosMethod:
+    """Training-Free-VOS as a registered method (run config ``method: {name: training-free-vos, ...}``)."""
+
+    settings_class = TrainingFreeVosSettings
+
+    def segment_sequence(
+        self, ctx: SequenceInputs, settings: TrainingFreeVosSettings
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        return TrainingFreeVos(ctx, settings).run()
 
 
 def segment_sequence(
