@@ -466,3 +466,20 @@ def test_a_run_with_a_noise_time_step_fails_before_any_work(synth_root: Path, tm
     with pytest.raises(ConfigError, match="'dino-vits8-tiny'"):
         run(config)
     assert not (tmp_path / "run" / "predictions").exists()
+
+
+# -- published results ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "jf"), [("dino-vitb8", 71.4), ("dino-vits8", 69.9)])
+def test_published_dino_rows_use_dinos_own_propagation_settings(name: str, jf: float) -> None:
+    from harness.published import published_system
+
+    system = published_system(name)
+    assert system is not None and system.jf == jf and system.weights == (name,)
+    assert system.overrides["backbone.name"] == name
+    # eval_video_segmentation.py: exp(sim / 0.1) at :129, argparse defaults at :260-263
+    settings = {key.removeprefix("method."): value for key, value in system.overrides.items()}
+    assert settings["temperature"] == 0.1 and settings["topk"] == 5
+    assert settings["radius"] == 12 and settings["n_last_frames"] == 7
+    assert describe_backbone(name)["default_layer"] == 11  # the last block, as get_intermediate_layers(n=1)
