@@ -483,3 +483,17 @@ def test_published_dino_rows_use_dinos_own_propagation_settings(name: str, jf: f
     assert settings["temperature"] == 0.1 and settings["topk"] == 5
     assert settings["radius"] == 12 and settings["n_last_frames"] == 7
     assert describe_backbone(name)["default_layer"] == 11  # the last block, as get_intermediate_layers(n=1)
+
+
+def test_cli_lists_the_dino_backbones_without_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.cli import main
+
+    monkeypatch.setenv(dino.WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
+    assert main(["backbones", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "dino-vitb8: default t 0, default layer 11" in listing
+    assert str(tmp_path / "empty" / "dino_xcit_small_12_p8_pretrain.pth") in listing
+    assert "layer 11: 768 channels, stride 8" in listing
+    assert not (tmp_path / "empty").exists()  # nothing downloaded
