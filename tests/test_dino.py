@@ -483,6 +483,20 @@ def test_published_dino_rows_use_dinos_own_propagation_settings(name: str, jf: f
     assert settings["temperature"] == 0.1 and settings["topk"] == 5
     assert settings["radius"] == 12 and settings["n_last_frames"] == 7
     assert describe_backbone(name)["default_layer"] == 11  # the last block, as get_intermediate_layers(n=1)
+    config = RunConfig().with_overrides(system.overrides)
+    assert config.method.name == "labelprop" and config.backbone.name == name
+    assert config.input.short_side == 480
+
+
+def test_baselines_study_runs_dino_with_exactly_its_published_settings() -> None:
+    from harness.published import PUBLISHED
+    from harness.study.spec import load_study_spec
+
+    spec = load_study_spec(Path(__file__).resolve().parents[1] / "studies" / "baselines.yaml")
+    assert (spec.dataset.root, spec.dataset.split) == ("data/DAVIS", "val")
+    assert spec.target_trials() == 2
+    trials = [spec.trial_overrides(entry) for entry in spec.enqueue]
+    assert trials == [PUBLISHED["dino-vitb8"].overrides, PUBLISHED["dino-vits8"].overrides]
 
 
 def test_cli_lists_the_dino_backbones_without_weights(
