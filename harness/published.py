@@ -61,5 +61,21 @@ PUBLISHED["dino-vits8"] = PublishedSystem(
 )
 
 
+# -- Training-Free-VOS (issue #12): streaming vMF mixtures over DINO XCiT-S/8 features, PAC-CRF ------------
+# github BGU-CS-VIL/Training-Free-VOS main_seg.py:256-285 (argparse defaults = our method defaults); its
+# features are XCiT-S/8 at 480p (60 rows, 384 channels, main_seg.py:24-33).
+PUBLISHED["training-free-vos"] = PublishedSystem(
+    name="training-free-vos",
+    description="Training-Free-VOS: per-object streaming vMF mixtures on DINO XCiT-S/8 features, PAC-CRF",
+    jf=76.3,
+    source=(
+        "Uziel, Dinari, Freifeld 2023, From ViT Features to Training-free Video Object Segmentation via "
+        "Streaming-data Mixture Models (NeurIPS), DAVIS-2017 val"
+    ),
+    weights=("dino-xcits8",),
+    overrides={"backbone.name": "dino-xcits8", "method.name": "training-free-vos", "input.short_side": 480},
+)
+
+
 def published_system(name: str) -> PublishedSystem | None:
     return PUBLISHED.get(name)

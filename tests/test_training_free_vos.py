@@ -273,3 +273,17 @@ def test_harness_run_with_the_tiny_xcit(synth_root: Path, tmp_path: Path) -> Non
     config = run_config(synth_root, tmp_path, "dino-xcits8-tiny", **{"dataset.sequences": RUN_SEQUENCES[:1]})
     result = run(config)
     assert result.metrics is not None and 0.0 <= result.metrics["J&F-Mean"] <= 1.0
+
+
+def test_study_runs_the_published_system_first_and_sweeps_method_settings() -> None:
+    from harness.published import PUBLISHED
+    from harness.study.spec import load_study_spec
+
+    spec = load_study_spec(Path(__file__).resolve().parents[1] / "studies" / "training_free_vos.yaml")
+    assert (spec.dataset.root, spec.dataset.split) == ("data/DAVIS", "val")
+    system = PUBLISHED["training-free-vos"]
+    assert system.jf == 76.3 and system.weights == ("dino-xcits8",)
+    first = RunConfig().with_overrides(spec.trial_overrides(spec.enqueue[0]))
+    assert first == RunConfig().with_overrides(system.overrides)  # the default trial is the published system
+    assert first.method.settings == TrainingFreeVosSettings()
+    assert {name.split(".")[0] for name in spec.search_space} == {"method"}

@@ -671,7 +671,12 @@ def _check_settings(spec: StudySpec, sections: frozenset[str]) -> None:
     from harness.config import RunConfig
 
     source = spec.source
-    defaults = RunConfig().to_dict()
+    # the method.* keys a study may use are those of the method it fixes (labelprop by default)
+    method = spec.fixed.get("method.name")
+    try:
+        defaults = RunConfig().with_overrides({"method.name": method} if method else {}).to_dict()
+    except HarnessError as error:
+        raise ConfigError(f"{source}: fixed: {error}") from error
     for key in [*spec.fixed, *spec.search_space]:
         _check_known_key(key, defaults, sections, source)
     for param in spec.search_space.values():
