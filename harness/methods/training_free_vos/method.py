@@ -235,10 +235,10 @@ def object_sizes(grid_labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def component_counts(size: float, num_models: int, background: bool, max_components: int) -> list[int]:
-    """Active components of each of the M mixtures: linspace(start, sqrt(size), M)^2 with start 7.5
+    """Active components of each of the M mixtures: linspace(start, sqrt(int(size)), M)^2 with start 7.5
     for the background and 1.5 for objects (models_new.py:180-195); at least 1, at most max_components."""
     start = 7.5 if background else 1.5
-    counts = (np.linspace(start, math.sqrt(size), num_models) ** 2).astype(np.int64)
+    counts = (np.linspace(start, math.sqrt(int(size)), num_models) ** 2).astype(np.int64)
     return [int(min(max(c, 1), max_components)) for c in counts]
 
 
