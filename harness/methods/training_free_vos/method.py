@@ -53,6 +53,10 @@ class TrainingFreeVosSettings:
 
     #: --loc: position features are multiplied by 0.25 * location_scale (main_seg.py:282)
     location_scale: float = 10.0
+    #: positions are multiplied by this when pixels are classified: the released code fits with
+    #: 0.25 * location_scale but classifies with unscaled positions (main_seg.py:116-118 vs 177);
+    #: None = the fitting scale
+    classify_position_weight: float | None = 1.0
     #: --time: frame t has time 1 + t * time_factor; history weights exp(-|dt| / 2) (models_new.py:13-29)
     time_factor: float = 0.33
     #: --num_models: mixtures per object, with component counts spread over linspace (models_new.py:180-195)
@@ -116,6 +120,10 @@ class TrainingFreeVosSettings:
             raise ConfigError(
                 f"method.position_dim must be a positive multiple of 4, got {self.position_dim}"
             )
+        if self.classify_position_weight is not None and self.classify_position_weight < 0:
+            raise ConfigError(
+                f"method.classify_position_weight must be >= 0 or null, got {self.classify_position_weight}"
+            )
         if self.feature_norm is not None and not self.feature_norm > 0:
             raise ConfigError(f"method.feature_norm must be positive or null, got {self.feature_norm}")
         if self.location_scale < 0 or self.time_factor < 0 or self.em_tol < 0 or self.crf_fit_steps < 0:
@@ -171,15 +179,15 @@ def position_features(rows: int, cols: int, dim: int, device: Any = None) -> Ten
 
 
 def to_points(
-    features: Tensor, positions: Tensor, location_scale: float, feature_norm: float | None = None
+    features: Tensor, positions: Tensor, position_weight: float, feature_norm: float | None = None
 ) -> Tensor:
-    """(h*w, C + P) unit vectors: features ++ 0.25 * location_scale * positions, normalised together
-    (models_new.py:613-622, main_seg.py:282); features first rescaled to ``feature_norm`` if given."""
+    """(h*w, C + P) unit vectors: features ++ position_weight * positions, normalised together
+    (models_new.py:613-622); features first rescaled to ``feature_norm`` if given."""
     c = features.shape[0]
     flat = features.reshape(c, -1).T.to(positions.dtype)
     if feature_norm is not None:
         flat = feature_norm * F.normalize(flat, dim=1)
-    return F.normalize(torch.cat([flat, 0.25 * location_scale * positions], dim=1), dim=1)
+    return F.normalize(torch.cat([flat, position_weight * positions], dim=1), dim=1)
 
 
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
@@ -339,10 +347,16 @@ class TrainingFreeVos:
 
     # --- per-frame pieces -------------------------------------------------------------------------
 
-    def frame_points(self, t: int) -> Tensor:
-        feats = self.ctx.features(t).to(self.device, torch.float32)
-        feats = upsample_features(feats, self.settings.feature_upsample)
-        return to_points(feats, self.positions, self.settings.location_scale, self.settings.feature_norm)
+    def frame_points(self, t: int) -> tuple[Tensor, Tensor]:
+        """Frame t's points as the models are fitted to them (positions x 0.25 x location scale,
+        main_seg.py:177, 282) and as they are classified (positions x classify_position_weight,
+        main_seg.py:116-118)."""
+        s = self.settings
+        feats = upsample_features(self.ctx.features(t).to(self.device, torch.float32), s.feature_upsample)
+        fit = to_points(feats, self.positions, 0.25 * s.location_scale, s.feature_norm)
+        if s.classify_position_weight is None:
+            return fit, fit
+        return fit, to_points(feats, self.positions, s.classify_position_weight, s.feature_norm)
 
     def frame_image(self, t: int) -> Tensor:
         """(3, Hc, Wc) 0-255 frame at the CRF's size (bicubic, as main_seg.py:149-151)."""
@@ -434,7 +448,7 @@ class TrainingFreeVos:
         # objects smaller than this are dropped (main_seg.py:84-87); tiny ones get 16 (main_seg.py:89-90)
         kept = {i: (16.0 if size < 2 else float(size)) for i, size in enumerate(sizes) if size >= 1.01}
         order = int(min(max(kept.values(), default=1.0), s.max_components))
-        points = self.frame_points(0)
+        points, queries = self.frame_points(0)
         self.models: dict[int, ObjectModel] = {}
         self.skipped: dict[int, bool] = {}
         self.last_seen: dict[int, Tensor] = {}
@@ -460,7 +474,7 @@ class TrainingFreeVos:
             self.crf = self.crf.to(self.device)
             if s.crf_fit_steps:
                 # fitted on the first frame's own classification against its labels (models_new.py:582-608)
-                scores = self.score(points, grid_labels, gated=False)
+                scores = self.score(queries, grid_labels, gated=False)
                 up = F.interpolate(
                     torch.nan_to_num(scores.scores, posinf=1e5, neginf=-1e5)[None],
                     size=self.crf_size,
@@ -485,17 +499,17 @@ class TrainingFreeVos:
         out_h, out_w = self.ctx.output_size
         confident_total = 0.0
         for t in range(1, self.ctx.num_frames):
-            points = self.frame_points(t)
+            points, queries = self.frame_points(t)
             image = self.frame_image(t) if self.crf is not None else None
             # pass 1: classify with the current models, refine, keep the confident agreeing pixels
-            first = self.score(points, previous, gated=True)
+            first = self.score(queries, previous, gated=True)
             raw = first.labels()
             refined = self.grid_labels(self.refine(first, image))
             confident = (first.margin() > self.settings.outlier_margin) & (refined == raw)
             confident_total += float(confident.float().mean())
             self.update(t, points, refined, confident)
             # pass 2: classify again with the updated models, refine, write (main_seg.py:195-240)
-            second = self.score(points, previous, gated=True)
+            second = self.score(queries, previous, gated=True)
             log_q = self.refine(second, image)
             previous = self.grid_labels(log_q)
             up = F.interpolate(log_q[None], size=(out_h, out_w), mode="bilinear", align_corners=False)[0]
