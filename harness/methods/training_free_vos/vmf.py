@@ -207,8 +207,8 @@ def init_mixtures(
     on ``points[:, init_slice]`` (the position part in the method), starting from one random point per
     mixture; equal weights, kappa 1. models_new.py:32-47 picks the point with the least *summed*
     cosine to the chosen means instead of the least *largest* one: that favours points opposite the
-    first mean over a third, separate cluster (tests/test_vmf.py finds such a case), so we take the
-    usual farthest point."""
+    first mean over a third, separate cluster (the d=16 recovery test of tests/test_vmf.py fails with
+    it), so we take the usual farthest point."""
     n, dim = points.shape
     m = len(component_counts)
     k_max = max_components
