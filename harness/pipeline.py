@@ -26,7 +26,7 @@ from backbones import Backbone, LayerKey, load_backbone
 from harness.config import RunConfig
 from harness.data import Dataset, Sequence, open_dataset, write_mask
 from harness.data.masks import VOID_ID
-from harness.errors import ConfigError, HarnessWarning
+from harness.errors import ConfigError, DataError, HarnessWarning
 from harness.evaluation import EvaluationResult, ObjectScores, ScoringPlan, evaluate_sequence, write_results
 from harness.features import (
     CacheNotWritableError,
@@ -397,6 +397,8 @@ def run(
         sequence.check_frame_sizes()
     plan = _plan_scoring(dataset, config.evaluate)
     empty = [sequence.name for sequence in dataset.sequences if not sequence.object_ids()]
+    if plan is not None and len(empty) == len(dataset):
+        raise DataError(f"nothing to evaluate: no object in the first-frame mask of {', '.join(empty)}")
     if empty:
         warnings.warn(
             f"no object in the first-frame mask of {', '.join(empty)}: "

@@ -76,7 +76,6 @@ def test_size_cap_and_clear_only_delete_entries_the_cache_wrote(tmp_path: Path) 
     root = tmp_path / "cache"
     cache = FeatureCache(root, max_bytes=1)
     cache.put(make_key(frame_index=0), torch.zeros(4, 8, 8))
-    assert (root / cache_module.MARKER_NAME).is_file()
     shard = cache.path_for(make_key(frame_index=0)).parent
     foreign = [shard / "model.safetensors", root / "zz" / "weights.safetensors", root / "notes.txt"]
     for path in foreign:
@@ -91,6 +90,7 @@ def test_size_cap_and_clear_only_delete_entries_the_cache_wrote(tmp_path: Path) 
     assert cache.info().entries == 1
     assert cache.clear() == 1
     assert all(path.read_bytes() == b"not the cache's" for path in foreign)
+    assert (root / cache_module.MARKER_NAME).is_file()
 
 
 def test_a_cache_written_before_markers_is_adopted(tmp_path: Path) -> None:

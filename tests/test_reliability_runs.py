@@ -112,12 +112,20 @@ def test_a_failing_run_leaves_the_previous_outputs_untouched(data: Path, tmp_pat
     out = Path(config.output_dir)
     before = _listing(out)
     assert "config.yaml" in before and "global_results-val.csv" in before
-    # every first-frame mask empty: the run fails with "nothing to evaluate" after predicting
+
+    # fails after its predictions and scores exist (as a pruned sweep trial does)
+    def stop(outcome: object) -> None:
+        raise RuntimeError("stopped after the sequence")
+
+    changed = config.with_overrides({"propagation.topk": 3})
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(changed, on_sequence=stop)
+    assert _listing(out) == before
+    # every first-frame mask empty: "nothing to evaluate", now before any work
     first = data / "Annotations" / "480p" / ONE / "00000.png"
     write_mask(first, np.zeros_like(read_mask(first)))
-    with pytest.warns(HarnessWarning):
-        with pytest.raises(DataError, match="nothing to evaluate"):
-            run(config)
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        run(changed)
     assert _listing(out) == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
