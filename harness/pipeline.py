@@ -1,5 +1,5 @@
-"""One run, end to end: dataset -> frames -> backbone features (cached) -> propagation -> masks ->
-evaluation.
+"""One run, end to end: dataset -> frames -> backbone features (cached) -> method (harness.methods, label
+propagation by default) -> masks -> evaluation.
 
 Every output (predictions, CSVs, config, submission zip) is written into a staging folder and moved into
 place together only when the run succeeds, so a failed or killed run never leaves a half-written or mixed
@@ -26,7 +26,7 @@ from backbones import Backbone, LayerKey, load_backbone
 from harness.config import RunConfig
 from harness.data import Dataset, Sequence, open_dataset, write_mask
 from harness.data.masks import VOID_ID
-from harness.errors import ConfigError, DataError, HarnessWarning
+from harness.errors import ConfigError, DataError, HarnessError, HarnessWarning
 from harness.evaluation import EvaluationResult, ObjectScores, ScoringPlan, evaluate_sequence, write_results
 from harness.features import (
     CacheNotWritableError,
@@ -39,7 +39,7 @@ from harness.features import (
 )
 from harness.files import mkdtemp_shared
 from harness.frames import load_network_inputs, network_input_size
-from harness.propagation import propagate_sequence
+from harness.methods import SequenceContext, get_method
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class SequenceOutcome:
     #: None when the sequence has no full ground truth
     scores: list[ObjectScores] | None
     seconds: dict[str, float]
+    #: the method's per-sequence diagnostics (SequenceContext.metrics)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def skipped(self) -> bool:
@@ -85,6 +87,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
+    #: the method's per-sequence diagnostics summed over the sequences (also in ``metrics`` when scored)
+    method_metrics: dict[str, float] = field(default_factory=dict)
     #: which frames were scored (None when the split has no ground truth or evaluation is off)
     scoring: ScoringPlan | None = None
 
@@ -203,35 +207,57 @@ def predict_sequence(
     out_dir: Path,
     palette: list[int],
     cache: FeatureCache | None,
+    layout: str = "davis",
+    metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Write the predicted masks of one sequence into ``out_dir``; returns timings in seconds."""
+    """Write the predicted masks of one sequence into ``out_dir`` with the configured method; returns
+    timings in seconds. The method's diagnostics are added to ``metrics`` when a dict is passed."""
     width, height = sequence.frame_size()
     input_size = network_input_size(width, height, config.input.short_side, backbone.size_multiple)
     spec = config.backbone
+    method = get_method(config.method.name)
 
     started = time.perf_counter()
     frame_ids = [frame_identity(path) for path in sequence.frames]
+    device = backbone.device if backbone.device.type != "meta" else torch.device("cpu")
 
     def load_frames(indices: list[int]) -> torch.Tensor:
         return load_network_inputs([sequence.frames[i] for i in indices], input_size)
 
-    features = extract_sequence_features(
-        backbone,
-        sequence=sequence.name,
-        frame_ids=frame_ids,
-        load_frames=load_frames,
-        input_size=input_size,
-        timestep=timestep,
-        layers=_layers_to_extract(
-            backbone, layer, spec.prefetch_layers, num_frames=len(sequence.frames), input_size=input_size
-        ),
-        ensemble_size=spec.ensemble_size,
-        seed=spec.seed,
-        batch_size=spec.batch_size,
-        dtype=spec.dtype,
-        cache=cache,
-        progress=config.progress,
-    )[layer]
+    def extract(
+        *,
+        layer: LayerKey = layer,
+        timestep: int = timestep,
+        ensemble_size: int = spec.ensemble_size,
+        condition: dict | None = None,
+        prefetch: list[int | str] | None = None,
+    ) -> Callable[[int], torch.Tensor]:
+        """Features of every frame through the cache, as a frame -> (C, h, w) reader on the run's device."""
+        if condition is not None:
+            raise ConfigError(
+                "conditioned feature extraction (condition=...) is not supported by the feature cache yet"
+            )
+        resolved = backbone.resolve_layer(layer)
+        stacked = extract_sequence_features(
+            backbone,
+            sequence=sequence.name,
+            frame_ids=frame_ids,
+            load_frames=load_frames,
+            input_size=input_size,
+            timestep=timestep,
+            layers=_layers_to_extract(
+                backbone, resolved, prefetch, num_frames=len(sequence.frames), input_size=input_size
+            ),
+            ensemble_size=ensemble_size,
+            seed=spec.seed,
+            batch_size=spec.batch_size,
+            dtype=spec.dtype,
+            cache=cache,
+            progress=config.progress,
+        )[resolved].to(device)
+        return stacked.__getitem__
+
+    features = extract(prefetch=spec.prefetch_layers)
     extracted = time.perf_counter()
 
     first_mask = sequence.first_mask()
@@ -242,18 +268,37 @@ def predict_sequence(
     first = first_mask.copy()
     first[first == VOID_ID] = 0
     write_mask(seq_dir / f"{names[0]}.png", first, palette)
-    device = backbone.device if backbone.device.type != "meta" else torch.device("cpu")
-    labels_iter = propagate_sequence(
-        features.to(device),
-        to_channel[first_mask],
-        len(object_ids) + 1,
-        config.propagation,
+
+    def ground_truth(index: int) -> np.ndarray:
+        return to_channel[sequence.load_mask(names[index])]
+
+    ctx = SequenceContext(
+        name=sequence.name,
+        num_frames=len(sequence.frames),
+        features=features,
+        first_labels=to_channel[first_mask],
+        num_classes=len(object_ids) + 1,
         input_size=input_size,
         output_size=(height, width),
+        ground_truth=ground_truth if sequence.fully_annotated else None,
+        device=device,
         progress=config.progress,
+        layout=layout,
+        extract_features=extract,
+        backbone=backbone,
+        load_frames=load_frames,
     )
-    for index, labels in labels_iter:
+    written = 0
+    for index, labels in method.segment_sequence(ctx, config.method.settings):
         write_mask(seq_dir / f"{names[index]}.png", to_id[labels], palette)
+        written += 1
+    if written != len(names) - 1:
+        raise HarnessError(
+            f"method {config.method.name!r} yielded {written} masks for sequence {sequence.name!r}, "
+            f"expected {len(names) - 1} (frames 1..{len(names) - 1})"
+        )
+    if metrics is not None:
+        metrics.update(ctx.metrics)
     return {"extraction": extracted - started, "propagation": time.perf_counter() - extracted}
 
 
@@ -445,6 +490,7 @@ def _run_staged(
     with tqdm(total=total_frames, desc="run", unit="frame", disable=not config.progress) as overall:
         for index, sequence in enumerate(dataset.sequences):
             overall.set_postfix_str(f"{sequence.name} ({index + 1}/{len(dataset)})")
+            sequence_metrics: dict[str, float] = {}
             seconds = predict_sequence(
                 sequence,
                 backbone,
@@ -454,6 +500,8 @@ def _run_staged(
                 out_dir=staged_predictions,
                 palette=dataset.palette,
                 cache=cache,
+                layout=dataset.layout,
+                metrics=sequence_metrics,
             )
             scores = None
             if plan is not None:
@@ -463,7 +511,13 @@ def _run_staged(
             for key, value in seconds.items():
                 timings[key] += value
             outcome = SequenceOutcome(
-                index, sequence.name, len(sequence.frames), sequence.object_ids(), scores, seconds
+                index,
+                sequence.name,
+                len(sequence.frames),
+                sequence.object_ids(),
+                scores,
+                seconds,
+                metrics=sequence_metrics,
             )
             outcomes.append(outcome)
             overall.update(len(sequence.frames))
@@ -481,6 +535,12 @@ def _run_staged(
         metrics = dict(evaluation.global_metrics)
     else:
         submission = output_dir / _write_submission_zip(staged_predictions, staging, dataset).name
+    method_metrics: dict[str, float] = {}
+    for outcome in outcomes:
+        for name, value in outcome.metrics.items():
+            method_metrics[name] = method_metrics.get(name, 0.0) + float(value)
+    if metrics is not None:
+        metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     resolved = config.to_dict() | {
         "resolved": {"timestep": timestep, "layer": layer, "backbone": backbone.identity()}
     }
@@ -499,5 +559,6 @@ def _run_staged(
         timings=timings,
         cache_stats=cache.stats if cache is not None else None,
         submission_zip=submission,
+        method_metrics=method_metrics,
         scoring=plan,
     )

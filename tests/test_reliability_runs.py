@@ -28,8 +28,8 @@ def small_config(root: Path, out: Path, **overrides: object) -> RunConfig:
     base = {
         "dataset.root": str(root),
         "input.short_side": 64,
-        "propagation.radius": 4,
-        "propagation.n_last_frames": 3,
+        "method.radius": 4,
+        "method.n_last_frames": 3,
         "cache.dir": str(out / "cache"),
         "output_dir": str(out / "run"),
         "progress": False,
@@ -117,7 +117,7 @@ def test_a_failing_run_leaves_the_previous_outputs_untouched(data: Path, tmp_pat
     def stop(outcome: object) -> None:
         raise RuntimeError("stopped after the sequence")
 
-    changed = config.with_overrides({"propagation.topk": 3})
+    changed = config.with_overrides({"method.topk": 3})
     with pytest.raises(RuntimeError, match="stopped"):
         run(changed, on_sequence=stop)
     assert _listing(out) == before
@@ -220,13 +220,13 @@ def test_frames_of_different_sizes_stop_the_run_naming_the_frame(
 
 def test_numeric_strings_are_accepted_for_float_settings(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
-    path.write_text("propagation: {temperature: 1e-3}\ncache: {max_gb: 5e1}\n")
+    path.write_text("method: {temperature: 1e-3}\ncache: {max_gb: 5e1}\n")
     config = RunConfig.from_yaml(path)
-    assert config.propagation.temperature == 0.001 and config.cache.max_gb == 50.0
+    assert config.method.settings.temperature == 0.001 and config.cache.max_gb == 50.0
     with pytest.raises(ConfigError, match="temperature"):
-        RunConfig.from_dict({"propagation": {"temperature": "warm"}})
+        RunConfig.from_dict({"method": {"temperature": "warm"}})
     with pytest.raises(ConfigError):
-        RunConfig.from_dict({"propagation": {"temperature": "nan"}})
+        RunConfig.from_dict({"method": {"temperature": "nan"}})
 
 
 def test_max_gb_zero_is_rejected(data: Path, tmp_path: Path) -> None:
