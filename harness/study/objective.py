@@ -6,6 +6,7 @@ objective object (not in module globals) so that trials of the same model do not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -93,6 +94,13 @@ def release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def stop_optimizing(study: Any) -> None:
+    """``study.stop()`` when inside ``optimize`` (outside it, e.g. a trial run by hand, there is nothing
+    to stop)."""
+    with contextlib.suppress(RuntimeError):
+        study.stop()
+
+
 def close_stale_runs(study: Any, tracker: StudyTracker) -> int:
     """Close (as KILLED) the MLflow runs of trials Optuna has failed while their run was still open."""
     from optuna.trial import TrialState
@@ -176,7 +184,7 @@ class StudyObjective:
         if self.target is not None and position > self.target:
             # other processes used the budget while this one asked for a trial: keep it for later
             requeue(trial.study, trial, SURPLUS, "not run: the budget was used by other workers")
-            trial.study.stop()
+            stop_optimizing(trial.study)
             raise SurplusTrial(f"trial {trial.number} is beyond the budget of {self.target}")
         if self.progress is not None:
             self.progress.started(trial.number, position, params)
@@ -215,7 +223,7 @@ class StudyObjective:
                 # not the settings' fault: retried on the next run; this worker stops, since the cause
                 # (missing weights or data, memory) is not going away by itself
                 requeue(trial.study, trial, kind, error)
-                trial.study.stop()
+                stop_optimizing(trial.study)
                 self.stop_reason = error
                 outcome, detail = f"failed ({kind}, not counted; re-queued for the next run)", error
             raise

@@ -72,8 +72,9 @@ class SweepProgress:
     ) -> None:
         """``outcome``: complete, pruned, failed (...), or a reason it will be retried; ``used``: trials of
         the budget used so far (for the ETA)."""
-        start, position = self._started.pop(number, (self.clock(), 0))
-        seconds = self.clock() - start
+        now = self.clock()
+        start, position = self._started.pop(number, (now, 0))
+        seconds = now - start
         if outcome in ("complete", "pruned"):
             self.durations.append(seconds)
         if self.quiet and outcome in ("complete", "pruned"):

@@ -257,12 +257,13 @@ def _complete_prefix_length(data: bytes, path: Path) -> int:
     lines = data.split(b"\n")
     # after the last "\n" there is b"" (complete file) or a partial record
     complete = lines[:-1]
+    bad = [index for index, line in enumerate(complete) if not _parses(line)]
     good = len(complete)
-    while good and not _parses(complete[good - 1]):
-        good -= 1
-    if good < len(complete) - 1:
+    if bad and bad[-1] == len(complete) - 1:  # a torn last record that ended with a newline
+        good = bad.pop()
+    if bad:
         raise ConfigError(
-            f"journal {path} is damaged at record {good + 1} of {len(complete)} (not only its last "
+            f"journal {path} is damaged at record {bad[0] + 1} of {len(complete)} (not only its last "
             "line); restore it from a backup or move it away to start the study afresh"
         )
     return sum(len(line) + 1 for line in complete[:good])
