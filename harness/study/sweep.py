@@ -99,9 +99,9 @@ class SweepSummary:
     @property
     def ok(self) -> bool:
         """Whether the command should exit 0."""
-        return (
-            not self.all_failed and self.stop_reason is None and all(c == 0 for c in self.worker_exit_codes)
-        )
+        # a worker killed by a signal (< 0) had its trial re-queued and re-run; other errors count
+        workers_ok = all(code <= 0 for code in self.worker_exit_codes)
+        return workers_ok and not self.all_failed and self.stop_reason is None
 
     def format(self) -> str:
         lines = [
@@ -124,7 +124,10 @@ class SweepSummary:
             lines.append(f"  best: {self.best_value:.4f} with {params or 'the fixed settings'}")
         if self.parent_run_id:
             lines.append(f"  MLflow parent run: {self.parent_run_id}")
-        failed_workers = [code for code in self.worker_exit_codes if code != 0]
+        killed = [-code for code in self.worker_exit_codes if code < 0]
+        if killed:
+            lines.append(f"  {len(killed)} worker(s) killed by signal {killed}; their trials were re-queued")
+        failed_workers = [code for code in self.worker_exit_codes if code > 0]
         if failed_workers:
             lines.append(f"  {len(failed_workers)} worker(s) exited with an error: {failed_workers}")
         return "\n".join(lines)
@@ -547,8 +550,9 @@ def run_sweep(
         stream = claim_stream(study, location)
     if tracker_factory is None:
         from harness.tracking import StudyTracker as tracker_factory
-    tracker = tracker_factory(tracking, spec.name)
-    with tracking_store_lock(getattr(tracker, "tracking_uri", "")):
+    # MLflow creates (migrates) a fresh SQLite store when its client is made: one process at a time
+    with tracking_store_lock(resolve_tracking_uri(tracking.tracking_uri)):
+        tracker = tracker_factory(tracking, spec.name)
         parent_run_id = ensure_parent_run(tracker, spec, study_params(spec, location, target))
     if fail_running:
         fail_abandoned_trials(study, location, heartbeat)
