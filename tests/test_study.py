@@ -348,8 +348,14 @@ def test_shipped_real_model_studies_use_davis_val() -> None:
 
 
 def test_grid_sizes_of_shipped_one_factor_studies() -> None:
-    assert load_study_spec(STUDIES / "timestep.yaml").grid_size() == len(range(0, 401, 25))  # 17
-    assert load_study_spec(STUDIES / "layer.yaml").grid_size() == 18
+    timestep = load_study_spec(STUDIES / "timestep.yaml")
+    points = [p["backbone.timestep"] for p in grid_points(timestep)]
+    assert sorted(points) == sorted([*range(0, 401, 25), 30, 51])  # every 25 steps + published 30, 51
+    assert timestep.grid_size() == 19
+    layer = load_study_spec(STUDIES / "layer.yaml")
+    assert layer.grid_size() == 18
+    # one-factor curves run unpruned, so no point (a published one included) is left out
+    assert not timestep.pruning.enabled and not layer.pruning.enabled
     assert load_study_spec(STUDIES / "model.yaml").grid_size() == 3
     assert load_study_spec(STUDIES / "affinity.yaml").grid_size() is None  # TPE
 
@@ -820,7 +826,7 @@ def test_command_line_validate_and_errors(tmp_path: Path, capsys: pytest.Capture
 
     assert main([str(STUDIES / "timestep.yaml"), "--validate"]) == 0
     out = capsys.readouterr().out
-    assert "timestep" in out and "17 grid points" in out
+    assert "timestep" in out and "19 grid points" in out
 
     bad = write_study(tmp_path, base_study(sampler={"type": "annealing"}), name="bad.yaml")
     assert main([str(bad)]) == 2

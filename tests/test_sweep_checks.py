@@ -232,3 +232,15 @@ def test_study_names_its_objective_for_the_dashboard(tmp_path: Path, synth_root:
         study_name="unit", storage=open_storage(resolve_storage(None, "unit", tmp_path / "storage"))
     )
     assert study.metric_names == ["J&F-Mean"]
+
+
+def test_dashboard_gathers_every_study(tmp_path: Path, synth_root: Path) -> None:
+    from harness.study.dashboard import gather_studies
+
+    for name in ("first", "second"):
+        sweep(write_study(tmp_path, synth_data(synth_root, name=name, n_trials=1), f"{name}.yaml"), tmp_path)
+    storage, names = gather_studies(tmp_path / "storage")
+    assert sorted(names) == ["first", "second"]
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        assert study.metric_names == ["J&F-Mean"] and len(study.get_trials()) == 1

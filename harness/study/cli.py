@@ -159,11 +159,27 @@ def worker_main(argv: list[str]) -> int:
     return WORKER_STOPPED_EXIT if outcome.stop_reason else 0
 
 
+def dashboard_main(argv: list[str]) -> int:
+    from harness.study.dashboard import serve
+
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.study dashboard", description="optuna-dashboard over every local study"
+    )
+    parser.add_argument("--storage-dir", type=Path, default=Path("studies-storage"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    serve(args.storage_dir, args.host, args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "worker":
             return worker_main(argv[1:])
+        if argv and argv[0] == "dashboard":
+            return dashboard_main(argv[1:])
         parser = argparse.ArgumentParser(
             prog="python -m harness.study", description="run an Optuna study of the VOS pipeline"
         )
