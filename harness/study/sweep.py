@@ -20,6 +20,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -265,8 +266,10 @@ def tracking_store_lock(tracking_uri: str) -> Iterator[None]:
     if not tracking_uri.startswith("sqlite:///"):
         yield
         return
-    path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]).expanduser()
-    with file_lock(path.with_name(path.name + ".lock")):
+    path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]).expanduser().absolute()
+    # in the temporary folder, keyed by the database's path: no stray lock file beside the user's files
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    with file_lock(Path(tempfile.gettempdir()) / f"diffvos-mlflow-{digest}.lock"):
         yield
 
 
@@ -539,9 +542,9 @@ def run_sweep(
     prepare_dataset(spec)
     if check:
         report = preflight(spec, target, free_disk=free_disk)
-        if not quiet or report.problems:
+        if not quiet and not report.problems:
             print(report.format(), file=stream_out, flush=True)
-        report.raise_for_problems()
+        report.raise_for_problems()  # the error lists the problems and their fixes
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_object = open_storage(location, heartbeat)
