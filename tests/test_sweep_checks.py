@@ -177,7 +177,7 @@ def test_cache_estimate_counts_layer_channels_and_grid(tmp_path: Path, synth_roo
     base = synth_data(
         synth_root,
         fixed={"backbone.name": "random-conv", "input.short_side": 64, "backbone.layer": 1},
-        search_space={"propagation.topk": {"type": "categorical", "choices": [1, 2]}},
+        search_space={"method.topk": {"type": "categorical", "choices": [1, 2]}},
         sampler={"type": "grid"},
         n_trials=None,
     )

@@ -35,7 +35,7 @@ def grid_study(tmp_path: Path, synth_root: Path, topks: list[int], **changes: An
         dataset={"root": str(synth_root), "split": "val"},
         sampler={"type": "grid"},
         n_trials=None,
-        search_space={"propagation.topk": {"type": "categorical", "choices": topks}},
+        search_space={"method.topk": {"type": "categorical", "choices": topks}},
     )
     data.update(changes)
     return write_study(tmp_path, data)
@@ -79,25 +79,25 @@ def test_environment_failure_keeps_its_grid_point_and_is_retried(
     broken = {"on": True}
 
     def score(config: Any, index: int) -> float:
-        if broken["on"] and config.propagation.topk == 3:
+        if broken["on"] and config.method.settings.topk == 3:
             raise error
-        return config.propagation.topk / 10
+        return config.method.settings.topk / 10
 
     runner, tracker = FakeRunner(score), FakeTracker()
     first = sweep(study_file, tmp_path, runner, tracker)
     assert first.stop_reason is not None and not first.ok  # stopped at once, non-zero exit
     assert first.n_failed == 0 and first.n_not_counted == 1 and first.n_waiting == 1
     failed = [t for t in trials_of(tmp_path) if t.state == FAIL]
-    assert [t.params for t in failed] == [{"propagation.topk": 3}]
+    assert [t.params for t in failed] == [{"method.topk": 3}]
     assert failed[0].user_attrs["failure_kind"] == ENVIRONMENT
-    assert next(r for r in tracker.runs if r.params == {"propagation.topk": 3}).status == "FAILED"
+    assert next(r for r in tracker.runs if r.params == {"method.topk": 3}).status == "FAILED"
 
     broken["on"] = False  # the weights arrived
     second = sweep(study_file, tmp_path, runner, tracker)
     assert second.ok and second.n_complete == 3 and second.n_waiting == 0
     complete = [t for t in trials_of(tmp_path) if t.state == COMPLETE]
-    assert sorted(t.params["propagation.topk"] for t in complete) == [1, 3, 5]  # the whole grid, no gap
-    retry = next(t for t in complete if t.params["propagation.topk"] == 3)
+    assert sorted(t.params["method.topk"] for t in complete) == [1, 3, 5]  # the whole grid, no gap
+    retry = next(t for t in complete if t.params["method.topk"] == 3)
     assert retry.system_attrs["failed_trial"] == failed[0].number
 
 
@@ -198,14 +198,14 @@ def test_progress_lines(tmp_path: Path, synth_root: Path) -> None:
     study_file = grid_study(tmp_path, synth_root, [1, 3, 5])
 
     def score(config: Any, index: int) -> float:
-        if config.propagation.topk == 5:
+        if config.method.settings.topk == 5:
             raise ValueError("no such thing")
-        return config.propagation.topk / 10
+        return config.method.settings.topk / 10
 
     out = io.StringIO()
     sweep(study_file, tmp_path, FakeRunner(score), out=out)
     lines = out.getvalue().splitlines()
-    starts = [line for line in lines if "): propagation.topk=" in line]
+    starts = [line for line in lines if "): method.topk=" in line]
     assert len(starts) == 3 and all(line.startswith("[unit] trial ") for line in starts)
     assert {line.split(" (#")[0] for line in starts} == {f"[unit] trial {i} of 3" for i in (1, 2, 3)}
     done = [line for line in lines if "J&F-Mean 0." in line]
@@ -222,7 +222,7 @@ def test_progress_lines(tmp_path: Path, synth_root: Path) -> None:
         out=quiet,
     )
     text = quiet.getvalue()
-    assert "J&F-Mean" not in text and "pre-flight" not in text and "propagation.topk=1" not in text
+    assert "J&F-Mean" not in text and "pre-flight" not in text and "method.topk=1" not in text
     assert "no such thing" in text  # failures are still said
 
 

@@ -46,8 +46,8 @@ def write_study(folder: Path, synth_root: Path, name: str, search: dict[str, Any
             "backbone.name": "random-conv",
             "backbone.device": "cpu",
             "input.short_side": 48,
-            "propagation.radius": 3,
-            "propagation.n_last_frames": 3,
+            "method.radius": 3,
+            "method.n_last_frames": 3,
             "cache.dir": str(folder / "cache"),
         },
         "search_space": search,
@@ -144,7 +144,7 @@ def _safe_runs(tmp_path: Path, name: str) -> list[Any]:
 def test_sigkilled_local_worker_is_reaped_and_its_trial_rerun(tmp_path: Path, synth_root: Path) -> None:
     topks = [1, 3, 5, 8]
     study_file = write_study(
-        tmp_path, synth_root, "killed", {"propagation.topk": {"type": "categorical", "choices": topks}}
+        tmp_path, synth_root, "killed", {"method.topk": {"type": "categorical", "choices": topks}}
     )
     sweep = start_sweep(study_file, tmp_path, "sweep", "--workers", "2", sleep=1.5)
     victim, pid = wait_for_running_trial(tmp_path, "killed", sweep, lambda pid: pid != sweep.pid)
@@ -160,7 +160,7 @@ def test_sigkilled_local_worker_is_reaped_and_its_trial_rerun(tmp_path: Path, sy
     retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params and retries[0].state == COMPLETE
     complete = [t for t in trials.values() if t.state == COMPLETE]
-    assert sorted(t.params["propagation.topk"] for t in complete) == topks  # within the budget, no gap
+    assert sorted(t.params["method.topk"] for t in complete) == topks  # within the budget, no gap
     assert len(complete) == len(topks)
 
     runs = {}
@@ -176,7 +176,7 @@ def test_sigkilled_local_worker_is_reaped_and_its_trial_rerun(tmp_path: Path, sy
 def test_ctrl_c_requeues_the_interrupted_trial(tmp_path: Path, synth_root: Path) -> None:
     topks = [1, 3, 5]
     study_file = write_study(
-        tmp_path, synth_root, "interrupted", {"propagation.topk": {"type": "categorical", "choices": topks}}
+        tmp_path, synth_root, "interrupted", {"method.topk": {"type": "categorical", "choices": topks}}
     )
     sweep = start_sweep(study_file, tmp_path, "first", sleep=2.0)
     victim, _ = wait_for_running_trial(tmp_path, "interrupted", sweep, lambda pid: pid == sweep.pid)
@@ -205,7 +205,7 @@ def test_ctrl_c_requeues_the_interrupted_trial(tmp_path: Path, synth_root: Path)
     assert study is not None
     trials = {t.number: t for t in study.get_trials()}
     complete = [t for t in trials.values() if t.state == COMPLETE]
-    assert sorted(t.params["propagation.topk"] for t in complete) == topks
+    assert sorted(t.params["method.topk"] for t in complete) == topks
     retry = next(t for t in complete if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.params == victim.params
     text = (tmp_path / "second.log").read_text()
@@ -217,7 +217,7 @@ def test_two_sweeps_started_at_once_share_the_budget(tmp_path: Path, synth_root:
         tmp_path,
         synth_root,
         "together",
-        {"propagation.temperature": {"type": "float", "low": 0.01, "high": 1.0, "log": True}},
+        {"method.temperature": {"type": "float", "low": 0.01, "high": 1.0, "log": True}},
         sampler={"type": "random", "seed": 0},
         n_trials=4,
     )
@@ -230,7 +230,7 @@ def test_two_sweeps_started_at_once_share_the_budget(tmp_path: Path, synth_root:
     trials = study.get_trials()
     complete = [t for t in trials if t.state == COMPLETE]
     assert len(complete) == 4, [(t.number, t.state) for t in trials]  # the budget held across processes
-    temperatures = [t.params["propagation.temperature"] for t in complete]
+    temperatures = [t.params["method.temperature"] for t in complete]
     assert len(set(temperatures)) == 4  # each process drew its own points
     assert len(mlflow_runs(tmp_path, "together", "parent")) == 1
     runs = mlflow_runs(tmp_path, "together", "trial")
