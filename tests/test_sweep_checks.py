@@ -244,3 +244,19 @@ def test_dashboard_gathers_every_study(tmp_path: Path, synth_root: Path) -> None
     for name in names:
         study = optuna.load_study(study_name=name, storage=storage)
         assert study.metric_names == ["J&F-Mean"] and len(study.get_trials()) == 1
+
+
+def test_weights_status_without_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backbones.status import weights_status
+
+    monkeypatch.setenv("DIFFVOS_WEIGHTS_DIR", str(tmp_path))
+    assert weights_status("random-conv").present and weights_status("sd-tiny").present
+    missing = weights_status("adm")
+    assert not missing.present and missing.location == str(tmp_path / "256x256_diffusion_uncond.pt")
+    assert "curl" in missing.fix
+    folder = tmp_path / "sd21"
+    assert not weights_status("sd2.1", str(folder)).present
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    assert weights_status("sd2.1", str(folder)).present
+    assert weights_status("sd", options={"model": str(folder)}).present

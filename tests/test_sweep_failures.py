@@ -239,3 +239,11 @@ def test_progress_eta_and_format() -> None:
     assert lines[1] == "[s] trial 1 of 4 (#0): J&F-Mean 0.7500 in 10.0 s; best so far 0.7500 (#0); ETA 15.0 s"
     # two trials left, 15 s each on average, two workers
     assert lines[3].endswith("ETA 15.0 s") and "J&F-Mean 0.7000 in 20.0 s" in lines[3]
+
+
+def test_resumed_sweep_estimates_its_time(tmp_path: Path, synth_root: Path) -> None:
+    study_file = grid_study(tmp_path, synth_root, [1, 3, 5])
+    sweep(study_file, tmp_path, FakeRunner(temperature_score), n_trials=1)
+    out = io.StringIO()
+    sweep(study_file, tmp_path, FakeRunner(temperature_score), out=out)
+    assert "2 trial(s) to run; at " in out.getvalue() and "with 1 worker(s)" in out.getvalue()

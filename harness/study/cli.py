@@ -124,6 +124,7 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-index", type=int, default=0)
     parser.add_argument("--stream", default="0", help="the sweep process's sampler seed stream")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--n-workers", type=int, default=1, help="workers sharing the budget (for the ETA)")
     return parser
 
 
@@ -140,7 +141,12 @@ def worker_main(argv: list[str]) -> int:
         _tracking_config(args.tracking_uri, args.experiment, args.artifact_location), spec.name
     )
     progress = SweepProgress(
-        spec.name, args.target, spec.objective.metric, quiet=args.quiet, label=f"worker {args.worker_index}"
+        spec.name,
+        args.target,
+        spec.objective.metric,
+        workers=args.n_workers,
+        quiet=args.quiet,
+        label=f"worker {args.worker_index}",
     )
     outcome = run_worker(
         spec,

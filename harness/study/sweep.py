@@ -571,6 +571,9 @@ def run_sweep(
         )
 
     remaining = target - budget_used(study, count_running=True)
+    estimate = time_estimate(study, remaining, workers)
+    if estimate and not quiet:
+        print(estimate, file=stream_out, flush=True)
     exit_codes: tuple[int, ...] = ()
     stop_reason = None
     try:
@@ -615,6 +618,27 @@ def run_sweep(
         end_parent_run(tracker, parent_run_id, "KILLED")
         raise
     return summarize(study, spec, location, target, parent_run_id, exit_codes, stop_reason)
+
+
+def time_estimate(study: Any, remaining: int, workers: int) -> str | None:
+    """How long the remaining trials take at the mean time of this study's complete trials so far."""
+    from optuna.trial import TrialState
+
+    from harness.study.progress import format_duration
+
+    seconds = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.datetime_start is not None and t.datetime_complete is not None
+    ]
+    if remaining <= 0 or not seconds:
+        return None
+    mean = sum(seconds) / len(seconds)
+    total = remaining * mean / max(1, min(workers, remaining))
+    return (
+        f"{remaining} trial(s) to run; at {format_duration(mean)} a trial so far, about "
+        f"{format_duration(total)} with {workers} worker(s)"
+    )
 
 
 def end_parent_run(tracker: Any, parent_run_id: str, status: str) -> None:
@@ -673,6 +697,7 @@ def worker_command(
     worker_index: int,
     stream: str = "0",
     quiet: bool = False,
+    n_workers: int = 1,
 ) -> list[str]:
     command = [
         sys.executable,
@@ -702,6 +727,8 @@ def worker_command(
         str(worker_index),
         "--stream",
         stream,
+        "--n-workers",
+        str(n_workers),
     ]
     if heartbeat.grace_period is not None:
         command += ["--grace-period", str(heartbeat.grace_period)]
@@ -794,6 +821,7 @@ def run_worker_processes(
                 worker_index=index,
                 stream=stream,
                 quiet=quiet,
+                n_workers=len(shares),
             ),
             env=env,
         )
