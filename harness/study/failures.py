@@ -3,7 +3,8 @@
 A trial that fails because of its settings (an unknown layer, a time step out of range, a crash of the
 method) counts against the trial budget and its grid point is used up, as before. A trial that fails for
 a reason outside its settings must not: missing weights or data, running out of memory, a worker killed
-(SIGKILL, lost heartbeat), Ctrl-C, or a trial started after other processes had already used the budget.
+(SIGKILL, SIGTERM, lost heartbeat), Ctrl-C, or a trial started after other processes had already used
+the budget.
 Such a trial is marked FAIL with the user attribute ``failure_kind`` and re-queued with the same
 parameters (a WAITING copy, as Optuna's retry callback makes), so the next run of the sweep retries it.
 """
@@ -24,7 +25,7 @@ KIND_ATTR = "failure_kind"
 SETTING = "setting"
 #: weights or data missing, out of memory: retried on the next run
 ENVIRONMENT = "environment"
-#: Ctrl-C / SIGTERM while the trial ran: retried on the next run
+#: Ctrl-C (SIGINT) while the trial ran: retried on the next run
 INTERRUPTED = "interrupted"
 #: the worker process died (SIGKILL, lost heartbeat): retried
 KILLED = "killed"

@@ -229,14 +229,16 @@ class StudyObjective:
             raise
         except BaseException as interrupt:  # KeyboardInterrupt, SystemExit: the worker is stopping
             status, error = "KILLED", error_text(interrupt) or type(interrupt).__name__
-            requeue(trial.study, trial, INTERRUPTED, f"interrupted: {error}")
+            with contextlib.suppress(Exception):  # the interrupt must get through whatever happens
+                requeue(trial.study, trial, INTERRUPTED, f"interrupted: {error}")
             outcome = "interrupted (re-queued with the same settings for the next run)"
             raise
         finally:
             if run is not None:
                 run.end(status, error=error)
             if self.progress is not None:
-                self._report(trial, outcome, value, detail)
+                with contextlib.suppress(Exception):  # a progress line must never change the outcome
+                    self._report(trial, outcome, value, detail)
 
     def _position(self, trial: Any) -> int:
         """1-based position of ``trial`` in the budget: the counted trials numbered before it, plus one."""

@@ -3,7 +3,9 @@
 SQLite is not used for local studies: its file lock serialises writers and several Optuna workers then
 fail with "database is locked". Optuna's JournalStorage with the file backend appends to one log file
 under a lock and is safe for several processes on one machine. Several machines need a server database
-(PostgreSQL), where heartbeats let a surviving worker notice a killed one (see :class:`HeartbeatSettings`).
+(PostgreSQL). On both, heartbeats let a surviving worker notice a killed one (see
+:class:`HeartbeatSettings`; Optuna's own on RDB storage, :func:`HeartbeatJournalStorage` on journal files),
+and :func:`repair_journal` cuts a record torn by a killed writer off the end of a journal file.
 
 Storage strings accepted everywhere (``--storage``):
 
@@ -350,11 +352,3 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def retried_trial_numbers(trials: list[Any]) -> set[int]:
-    """Numbers of failed trials that a later trial retries (they should not count against the budget)."""
-    retried: set[int] = set()
-    for trial in trials:
-        retried.update(int(number) for number in trial.system_attrs.get("retry_history", []))
-    return retried

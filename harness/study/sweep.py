@@ -2,8 +2,11 @@
 
 Resuming is the normal case: ``run_sweep`` opens the study with ``load_if_exists=True`` and runs only
 what the trial budget still allows, so re-running a command after a crash (or on a second machine)
-continues the same study. The budget counts COMPLETE, PRUNED and FAIL trials, except failed trials that
-were re-queued (a killed worker's trial is retried once with the same parameters).
+continues the same study. The budget counts COMPLETE, PRUNED and RUNNING trials and trials that failed
+because of their settings; trials that failed for other reasons (killed, interrupted, missing weights or
+data, memory) are re-queued with the same parameters and do not count (:mod:`harness.study.failures`).
+Before the study is created, :mod:`harness.study.preflight` checks the dataset, weights, disk and
+tracking store, so a sweep that cannot run writes nothing.
 
 Several workers on one machine are subprocesses (``python -m harness.study worker ...``) that share the
 study through the journal file; the MLflow experiment, the parent run, the sequence order and the
