@@ -62,7 +62,7 @@ def write_study(folder: Path, synth_root: Path, name: str, search: dict[str, Any
 
 
 def start_sweep(
-    study_file: Path, tmp_path: Path, log: str, *extra: str, sleep: float = 0.0
+    study_file: Path, tmp_path: Path, log: str, *extra: str, sleep: float = 0.0, own_group: bool = False
 ) -> subprocess.Popen:
     env = worker_environment()
     env.pop(SLEEP_ENV, None)
@@ -84,7 +84,9 @@ def start_sweep(
         *extra,
     ]
     handle = (tmp_path / f"{log}.log").open("wb")
-    return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        command, cwd=PROJECT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=own_group
+    )
 
 
 def logs(tmp_path: Path) -> str:
@@ -237,3 +239,39 @@ def test_two_sweeps_started_at_once_share_the_budget(tmp_path: Path, synth_root:
     assert sorted(int(r.data.tags[TAG_TRIAL]) for r in runs if r.info.status == "FINISHED") == sorted(
         t.number for t in complete
     )
+
+
+def test_ctrl_c_with_local_workers(tmp_path: Path, synth_root: Path) -> None:
+    """Ctrl-C in a terminal reaches the sweep and its workers (one process group): every running trial is
+    re-queued, and the next run completes the grid without counting them."""
+    topks = [1, 3, 5, 8]
+    study_file = write_study(
+        tmp_path, synth_root, "group", {"method.topk": {"type": "categorical", "choices": topks}}
+    )
+    sweep = start_sweep(study_file, tmp_path, "first", "--workers", "2", sleep=2.0, own_group=True)
+    victim, _ = wait_for_running_trial(tmp_path, "group", sweep, lambda pid: pid != sweep.pid)
+    os.killpg(sweep.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    assert sweep.wait(timeout=120) == 130, logs(tmp_path)
+
+    study = load(tmp_path, "group")
+    assert study is not None
+    trials = study.get_trials()
+    interrupted = [t for t in trials if t.state == FAIL]
+    assert victim.number in {t.number for t in interrupted}
+    assert all(t.user_attrs["failure_kind"] == "interrupted" for t in interrupted)
+    waiting = [t for t in trials if t.state == WAITING]
+    assert sorted(t.params["method.topk"] for t in waiting) == sorted(
+        t.params["method.topk"] for t in interrupted
+    )
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    statuses = {r.data.tags[TAG_TRIAL]: r.info.status for r in mlflow_runs(tmp_path, "group", "trial")}
+    assert all(statuses[str(t.number)] == "KILLED" for t in interrupted if str(t.number) in statuses)
+    (parent,) = mlflow_runs(tmp_path, "group", "parent")
+    assert parent.info.status == "KILLED"
+
+    again = start_sweep(study_file, tmp_path, "second", "--workers", "2")
+    assert again.wait(timeout=240) == 0, logs(tmp_path)
+    study = load(tmp_path, "group")
+    assert study is not None
+    complete = [t for t in study.get_trials() if t.state == COMPLETE]
+    assert sorted(t.params["method.topk"] for t in complete) == topks
