@@ -293,7 +293,12 @@ class _HeartbeatJournalMixin:
     _stale_callback: Any
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())  # type: ignore[attr-defined]
+        import optuna
+
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())  # type: ignore[attr-defined]
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker already failed it as stale; the trial's own end will say so
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         from optuna.trial import TrialState
