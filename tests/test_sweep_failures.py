@@ -247,3 +247,28 @@ def test_resumed_sweep_estimates_its_time(tmp_path: Path, synth_root: Path) -> N
     out = io.StringIO()
     sweep(study_file, tmp_path, FakeRunner(temperature_score), out=out)
     assert "2 trial(s) to run; at " in out.getvalue() and "with 1 worker(s)" in out.getvalue()
+
+
+def test_trial_of_a_dead_local_process_is_reaped_by_the_next_sweep(tmp_path: Path, synth_root: Path) -> None:
+    """A single sweep SIGKILLed mid-trial: the next sweep on the machine sees its process is gone."""
+    import socket
+    import subprocess
+
+    study_file = grid_study(tmp_path, synth_root, [1, 3])
+    spec = load_study_spec(study_file)
+    study = create_or_load_study(spec, open_storage(resolve_storage(None, "unit", tmp_path / "storage")))
+    orphan = study.ask()
+    params = {name: p.suggest(orphan) for name, p in spec.search_space.items()}
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    orphan.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")
+
+    tracker = FakeTracker()
+    summary = sweep(study_file, tmp_path, FakeRunner(temperature_score), tracker)
+    trials = {t.number: t for t in trials_of(tmp_path)}
+    assert trials[orphan.number].state == FAIL
+    assert trials[orphan.number].user_attrs["failure_kind"] == KILLED
+    retry = [t for t in trials.values() if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].params == params and retry[0].state == COMPLETE
+    assert summary.n_complete == 2 and summary.n_failed == 0 and summary.ok
+    assert any(orphan.number in states for states in tracker.closed_states)
