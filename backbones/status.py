@@ -36,7 +36,7 @@ def weights_status(
         return _adm_status(name, weights, options)
     if name.startswith("sd"):
         return _sd_status(name, weights, options)
-    return WeightsStatus(name, True, "not checked (no lookup known for this backbone)")
+    return _described_status(name, weights)
 
 
 def _adm_status(name: str, weights: str | None, options: Mapping[str, object]) -> WeightsStatus:
@@ -87,3 +87,32 @@ def _folder_status(name: str, folder: Path) -> WeightsStatus:
         str(folder),
         f"put a diffusers model folder (with unet/, vae/, scheduler/ ...) at {folder}",
     )
+
+
+def _described_status(name: str, weights: str | None) -> WeightsStatus:
+    """Other backbones (e.g. DINO): the checkpoint path their description names, when it names one.
+
+    A file-based backbone describes its weights as ``<path>`` or ``<path> (downloaded from URL if
+    missing)``; a weight-free one as ``none ...``.
+    """
+    if weights:
+        path = Path(weights).expanduser()
+        return WeightsStatus(
+            name, path.exists(), str(path), "" if path.exists() else f"put the weights at {path}"
+        )
+    from backbones import describe_backbone
+
+    try:
+        text = str(describe_backbone(name).get("weights") or "")
+    except Exception:  # noqa: BLE001 - the trial itself reports what is wrong
+        return WeightsStatus(name, True, "not checked (the backbone cannot describe its weights)")
+    if not text or text.startswith("none"):
+        return WeightsStatus(name, True, "none needed")
+    path_text, _, note = text.partition(" (")
+    path = Path(path_text)
+    if not path.is_absolute():
+        return WeightsStatus(name, True, f"not checked ({text})")
+    if path.exists():
+        return WeightsStatus(name, True, str(path))
+    source = f" ({note.rstrip(')')})" if note else ""
+    return WeightsStatus(name, False, str(path), f"put the checkpoint at {path}{source}")
