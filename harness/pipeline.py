@@ -34,6 +34,7 @@ from harness.features import (
 )
 from harness.frames import load_network_inputs, network_input_size
 from harness.methods import SequenceContext, get_method
+from harness.methods.base import aggregate_sequence_metrics
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
-    #: the method's per-sequence diagnostics summed over the sequences (also in ``metrics`` when scored)
+    #: the method's per-sequence diagnostics over the sequences: counts summed, rates (corr_*) averaged
+    #: (harness.methods.base.aggregate_sequence_metrics; also in ``metrics`` when scored)
     method_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -342,10 +344,7 @@ def run(
         evaluation = EvaluationResult.from_objects([s for o in outcomes for s in (o.scores or [])])
         write_results(evaluation, output_dir, dataset.split)
         metrics = dict(evaluation.global_metrics)
-    method_metrics: dict[str, float] = {}
-    for outcome in outcomes:
-        for name, value in outcome.metrics.items():
-            method_metrics[name] = method_metrics.get(name, 0.0) + float(value)
+    method_metrics = aggregate_sequence_metrics([outcome.metrics for outcome in outcomes])
     if metrics is not None:
         metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     submission = None if evaluate else _write_submission_zip(predictions, output_dir, dataset)
