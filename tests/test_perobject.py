@@ -321,3 +321,21 @@ def test_per_object_on_test_dev(synth_root: Path, tmp_path: Path, capsys: pytest
     )
     assert main(["run", "--config", str(config_path), "--quiet"]) == 2
     assert "needs the ground truth" in capsys.readouterr().err
+
+
+def test_harness_run_cli_with_the_per_object_oracle(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        f"dataset: {{root: {synth_root}, sequences: [synth-crossing]}}\ninput: {{short_side: 64}}\n"
+        f"method: {{radius: 4, n_last_frames: 3}}\ncache: {{dir: {tmp_path / 'cache'}}}\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+    )
+    settings = ["--set", "method.per_object=true", "--set", "method.filter=oracle"]
+    assert main(["run", "--config", str(config_path), "--quiet", *settings]) == 0
+    assert "J&F-Mean" in capsys.readouterr().out
+    written = sorted((tmp_path / "run" / "predictions" / "synth-crossing").glob("*.png"))
+    assert len(written) > 2
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "per_object: true" in resolved and "filter: oracle" in resolved
