@@ -156,7 +156,12 @@ def _dense_run(features, grid, settings: PropagationSettings, per_object: bool, 
 
 @pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("oracle", [False, True])
-def test_per_object_run_equals_the_dense_released_loop(screen: bool, oracle: bool) -> None:
+@pytest.mark.parametrize("same_features", [False, True])
+def test_per_object_run_equals_the_dense_released_loop(
+    screen: bool, oracle: bool, same_features: bool
+) -> None:
+    """Object by object, or (same features, no ground-truth filter) all objects in one pass: the released
+    per-object loop's labels and the brute-force diagnostics either way."""
     features, grid, full = _case(3 + 2 * oracle + screen)
     settings = PropagationSettings(
         topk=4, radius=2, n_last_frames=2, per_object=True, filter="oracle" if oracle else None
@@ -164,8 +169,8 @@ def test_per_object_run_equals_the_dense_released_loop(screen: bool, oracle: boo
     stats = CorrespondenceStats()
     workspace = PropagationWorkspace()
     got = list(
-        propagate_sequence(
-            features,
+        propagate_per_object(
+            lambda _: features,
             full[0],
             OBJECTS + 1,
             settings,
@@ -175,6 +180,7 @@ def test_per_object_run_equals_the_dense_released_loop(screen: bool, oracle: boo
             diagnostics=stats,
             screen=screen,
             workspace=workspace,
+            same_features=same_features,
         )
     )
     outputs, expected_stats = _dense_run(features, grid, settings, per_object=True, oracle=oracle)
@@ -186,10 +192,10 @@ def test_per_object_run_equals_the_dense_released_loop(screen: bool, oracle: boo
     assert [t for t, _ in got] == list(range(1, FRAMES))
     for k, metrics in stats.per_object().items():
         assert metrics == pytest.approx(expected_stats[k], abs=1e-5), k
-    if oracle:  # every object's filter ran on every frame's queries
+    if oracle:  # every object's filter ran on every frame's queries, one object at a time
         assert workspace.filtering.queries == OBJECTS * (FRAMES - 1) * HEIGHT * WIDTH
-        # the oracle only keeps agreeing keys (every query has one: frame 0 shares no label with it only
-        # when its label is absent there, which the case avoids for objects), so precision is 1
+        # no query was left without an agreeing key in its window, so all weight goes to agreeing keys
+        assert workspace.filtering.unfiltered_queries == 0
         assert all(m["corr_precision"] == pytest.approx(1.0) for m in stats.per_object().values())
 
 
@@ -223,6 +229,33 @@ def test_joint_diagnostics_equal_a_brute_force_count(screen: bool) -> None:
     )
     for (_, a), (_, b) in zip(joint, plain, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_first_frame_filter_also_runs_all_objects_in_one_pass() -> None:
+    """A filter that reads no ground truth treats every object alike: one pass equals object by object."""
+    features, _, full = _case(8)
+    settings = PropagationSettings(topk=3, radius=1, n_last_frames=2, per_object=True, filter="first-frame")
+    runs = {}
+    for same in (False, True):
+        stats, workspace = CorrespondenceStats(), PropagationWorkspace()
+        labels = propagate_per_object(
+            lambda _: features,
+            full[0],
+            OBJECTS + 1,
+            settings,
+            input_size=SIZE,
+            output_size=SIZE,
+            ground_truth=lambda t: full[t],
+            diagnostics=stats,
+            workspace=workspace,
+            same_features=same,
+        )
+        runs[same] = ([frame for _, frame in labels], stats.per_object(), workspace.filtering.queries)
+    for a, b in zip(runs[False][0], runs[True][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k in range(1, OBJECTS + 1):
+        assert runs[True][1][k] == pytest.approx(runs[False][1][k], abs=1e-6)
+    assert runs[False][2] == OBJECTS * runs[True][2]  # K propagations against one
 
 
 def test_features_for_object_are_used_per_object() -> None:

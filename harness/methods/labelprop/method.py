@@ -24,7 +24,7 @@ class LabelPropagation:
         self, ctx: SequenceContext, settings: PropagationSettings
     ) -> Iterator[tuple[int, np.ndarray]]:
         if settings.per_object:
-            yield from segment_per_object(ctx, settings, lambda _: ctx.features)
+            yield from segment_per_object(ctx, settings, lambda _: ctx.features, same_features=True)
             return
         workspace = PropagationWorkspace()
         diagnostics = CorrespondenceStats() if settings.diagnostics else None
@@ -48,6 +48,8 @@ def segment_per_object(
     ctx: SequenceContext,
     settings: PropagationSettings,
     features_for_object: Callable[[int], FeatureSource],
+    *,
+    same_features: bool = False,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Per-object label propagation of one sequence with features chosen per object.
 
@@ -55,6 +57,7 @@ def segment_per_object(
     (k = 1..K, the object's channel) returns a frame -> (C, h, w) reader, e.g. ``ctx.extract_features(...)``
     with the object's learned condition; it is called once per object, when that object starts. Reports
     the filter counts and correspondence diagnostics into ``ctx.metrics`` as labelprop does.
+    ``same_features``: every object has the same features (see propagate_per_object).
     """
     workspace = PropagationWorkspace()
     diagnostics = CorrespondenceStats() if settings.diagnostics else None
@@ -70,6 +73,7 @@ def segment_per_object(
         workspace=workspace,
         ground_truth=ctx.ground_truth,
         diagnostics=diagnostics,
+        same_features=same_features,
     )
     _report(ctx, settings, workspace, diagnostics)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from harness.methods.labelprop.affinity import PropagationWorkspace
 from harness.methods.labelprop.diagnostics import CorrespondenceStats
+from harness.methods.labelprop.filters import get_filter
 from harness.methods.labelprop.sequence import (
     FeatureSource,
     PropagationSettings,
@@ -94,6 +95,7 @@ def propagate_per_object(
     workspace: PropagationWorkspace | None = None,
     ground_truth: Callable[[int], np.ndarray] | None = None,
     diagnostics: CorrespondenceStats | None = None,
+    same_features: bool = False,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (t, labels) for t = 1 .. T-1 as propagate_sequence does, propagating object by object.
 
@@ -101,6 +103,12 @@ def propagate_per_object(
     propagated with (anything propagate_sequence takes); it is called once, when object k starts. Other
     arguments are propagate_sequence's; ``ground_truth`` is in channel indices, and each object's filter
     and diagnostics see its binary view. ``settings.per_object`` itself is not read.
+
+    ``same_features=True`` says every object has the same features (``features_for_object(1)`` is then the
+    only call). Without a filter that reads the ground truth (the only thing that differs per object) every
+    object's top-k weights are then the same, and the objects run in one pass: the memory holds the
+    [background, object k] channels of all objects side by side, each mixed with the shared weights, which
+    is each object's own propagation (its own memory of soft masks) at the cost of one.
     """
     checked = check_inputs(first_labels, num_classes, settings, input_size, output_size, ground_truth)
     return _per_object(
@@ -116,6 +124,7 @@ def propagate_per_object(
         workspace=workspace if workspace is not None else PropagationWorkspace(),
         ground_truth=ground_truth,
         diagnostics=diagnostics,
+        same_features=same_features,
     )
 
 
@@ -133,6 +142,7 @@ def _per_object(
     workspace: PropagationWorkspace,
     ground_truth: Callable[[int], np.ndarray] | None,
     diagnostics: CorrespondenceStats | None,
+    same_features: bool,
 ) -> Iterator[tuple[int, np.ndarray]]:
     if num_classes == 1:  # no object: every frame is background (the released loop would crash)
         if num_frames is None:
@@ -140,42 +150,105 @@ def _per_object(
         for t in range(1, num_frames):
             yield t, np.zeros(output_size, dtype=np.uint8)
         return
-    truth = _CachedTruth(ground_truth) if ground_truth is not None else None
-    foregrounds: list[list[torch.Tensor]] = []
-    for k in range(1, num_classes):
-        object_truth = None if truth is None else truth.binary(k)
-        track = prepare_track(
-            features_for_object(k),
+    filter_reads_truth = settings.filter is not None and get_filter(settings.filter).needs_ground_truth
+    if same_features and not filter_reads_truth:
+        foregrounds = _objects_in_one_pass(
+            features_for_object(1),
             first_labels,
             num_classes,
             settings,
-            input_size=input_size,
-            output_size=output_size,
+            input_size,
+            output_size,
+            progress=progress,
             num_frames=num_frames,
-            ground_truth=object_truth,
-            diagnostics=diagnostics,
-        )
-
-        def first_masks(grid: tuple[int, int], device: torch.device, k: int = k) -> torch.Tensor:
-            onehot = labels_to_onehot(first_labels, num_classes, grid, device=device)
-            return torch.stack([onehot[0], onehot[k]])
-
-        soft_frames = propagate_soft(
-            track,
-            first_masks,
-            (first_labels == k).astype(np.uint8),
             screen=screen,
             workspace=workspace,
-            diagnostic_objects=(k,),
-            progress=progress,
+            ground_truth=ground_truth,
+            diagnostics=diagnostics,
         )
-        foregrounds.append([soft[:, :, 1].clone() for _, soft in soft_frames])
-    if truth is not None:
-        truth.clear()
+    else:
+        foregrounds = []
+        truth = _CachedTruth(ground_truth) if ground_truth is not None else None
+        for k in range(1, num_classes):
+            object_truth = None if truth is None else truth.binary(k)
+            track = prepare_track(
+                features_for_object(1 if same_features else k),
+                first_labels,
+                num_classes,
+                settings,
+                input_size=input_size,
+                output_size=output_size,
+                num_frames=num_frames,
+                ground_truth=object_truth,
+                diagnostics=diagnostics,
+            )
+
+            def first_masks(grid: tuple[int, int], device: torch.device, k: int = k) -> torch.Tensor:
+                onehot = labels_to_onehot(first_labels, num_classes, grid, device=device)
+                return torch.stack([onehot[0], onehot[k]])
+
+            soft_frames = propagate_soft(
+                track,
+                first_masks,
+                (first_labels == k).astype(np.uint8),
+                screen=screen,
+                workspace=workspace,
+                diagnostic_objects=(k,),
+                progress=progress,
+            )
+            foregrounds.append([soft[:, :, 1].clone() for _, soft in soft_frames])
     for t in range(1, len(foregrounds[0]) + 1):
         probabilities = torch.stack([object_probability(frames[t - 1], input_size) for frames in foregrounds])
         labels = aggregate_labels(probabilities).cpu().numpy()
         yield t, resize_labels_nearest(labels, output_size)
+
+
+def _objects_in_one_pass(
+    features: FeatureSource,
+    first_labels: np.ndarray,
+    num_classes: int,
+    settings: PropagationSettings,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    *,
+    progress: bool,
+    num_frames: int | None,
+    screen: bool | None,
+    workspace: PropagationWorkspace,
+    ground_truth: Callable[[int], np.ndarray] | None,
+    diagnostics: CorrespondenceStats | None,
+) -> list[list[torch.Tensor]]:
+    """Every object's foreground per frame, all objects mixed with the same weights in one propagation:
+    channels (2k - 2, 2k - 1) are object k's [background, object k]. The diagnostics' binary views of
+    objects 1..K are the one-hot channels of the multi-class ground truth, as in a joint run."""
+    track = prepare_track(
+        features,
+        first_labels,
+        num_classes,
+        settings,
+        input_size=input_size,
+        output_size=output_size,
+        num_frames=num_frames,
+        ground_truth=ground_truth,
+        diagnostics=diagnostics,
+    )
+    objects = range(1, num_classes)
+
+    def first_masks(grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        onehot = labels_to_onehot(first_labels, num_classes, grid, device=device)
+        return torch.stack([channel for k in objects for channel in (onehot[0], onehot[k])])
+
+    soft_frames = propagate_soft(
+        track,
+        first_masks,
+        first_labels,
+        screen=screen,
+        workspace=workspace,
+        diagnostic_objects=tuple(objects),
+        progress=progress,
+    )
+    per_frame = [soft[:, :, 1::2].clone() for _, soft in soft_frames]  # (h, w, K) foregrounds
+    return [[frame[:, :, k - 1] for frame in per_frame] for k in objects]
 
 
 class _CachedTruth:

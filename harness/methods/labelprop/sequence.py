@@ -233,6 +233,7 @@ def propagate_sequence(
             workspace=workspace,
             ground_truth=ground_truth,
             diagnostics=diagnostics,
+            same_features=True,
         )
     track = prepare_track(
         features,
