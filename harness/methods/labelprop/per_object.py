@@ -265,6 +265,3 @@ class _CachedTruth:
 
     def binary(self, k: int) -> Callable[[int], np.ndarray]:
         return lambda t: (self(t) == k).astype(np.uint8)
-
-    def clear(self) -> None:
-        self._frames.clear()
