@@ -215,7 +215,8 @@ def propagate_sequence(
     ``settings.filter`` names a correspondence filter; ``ground_truth(t)`` ((H0, W0) channel indices of
     frame t) feeds it, and is required by filters that need ground truth. ``diagnostics``, given with
     ``ground_truth``, collects the correspondence diagnostics (harness.methods.labelprop.diagnostics).
-    With ``settings.per_object`` the objects are propagated one at a time (see per_object.py).
+    With ``settings.per_object`` each object is propagated on its own and the results are aggregated
+    (per_object.py; with these shared features all objects share one pass).
     """
     if isinstance(settings, PropagationSettings) and settings.per_object:
         from harness.methods.labelprop.per_object import propagate_per_object
