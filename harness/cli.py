@@ -101,8 +101,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.leaderboard import export_leaderboards
     from harness.tracking import resolve_tracking_uri
+    from harness.tracking.leaderboard import export_leaderboards
 
     paths = export_leaderboards(
         resolve_tracking_uri(args.tracking_uri), args.experiment, Path(args.out), args.study

@@ -13,15 +13,15 @@ from mlflow import MlflowClient
 
 from harness.config import RunConfig
 from harness.evaluation import ObjectScores
-from harness.leaderboard import (
+from harness.pipeline import RunResult, SequenceOutcome
+from harness.tracking import StudyTracker, TrackingConfig
+from harness.tracking.leaderboard import (
     build_leaderboard,
     export_leaderboards,
     leaderboard_markdown,
     param_column_names,
     study_axes,
 )
-from harness.pipeline import RunResult, SequenceOutcome
-from harness.tracking import StudyTracker, TrackingConfig
 
 # the fake results below have no dataset on disk, so the tracker warns that it cannot draw overlays
 pytestmark = pytest.mark.filterwarnings("ignore:run .* no overlay images")
@@ -32,13 +32,21 @@ METRIC_COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Reca
 
 def object_scores(sequence: str, j: float, f: float) -> ObjectScores:
     """One object scored on two frames with the same J and F."""
-    return ObjectScores(sequence=sequence, object_id=1, frames=("00001", "00002"), j=np.array([j, j]),
-                        f=np.array([f, f]))
+    return ObjectScores(
+        sequence=sequence, object_id=1, frames=("00001", "00002"), j=np.array([j, j]), f=np.array([f, f])
+    )
 
 
 def metrics_for(jf: float) -> dict[str, float]:
-    return {"J&F-Mean": jf, "J-Mean": jf + 0.05, "J-Recall": 1.0, "J-Decay": 0.0, "F-Mean": jf - 0.05,
-            "F-Recall": 0.5, "F-Decay": 0.25}
+    return {
+        "J&F-Mean": jf,
+        "J-Mean": jf + 0.05,
+        "J-Recall": 1.0,
+        "J-Decay": 0.0,
+        "F-Mean": jf - 0.05,
+        "F-Recall": 0.5,
+        "F-Decay": 0.25,
+    }
 
 
 #: (study, trial, timestep, temperature, J&F, {sequence: (J, F)})
@@ -53,21 +61,34 @@ TRIALS = [
 
 def trial_config(timestep: int, temperature: float, folder: Path) -> RunConfig:
     # the dataset does not exist: the tracker only warns that it cannot draw overlays
-    return RunConfig.from_dict({
-        "dataset": {"root": str(folder.parent / "no-data")},
-        "backbone": {"timestep": timestep},
-        "propagation": {"temperature": temperature},
-        "output_dir": str(folder),
-    })
+    return RunConfig.from_dict(
+        {
+            "dataset": {"root": str(folder.parent / "no-data")},
+            "backbone": {"timestep": timestep},
+            "propagation": {"temperature": temperature},
+            "output_dir": str(folder),
+        }
+    )
 
 
-def log_trial(tracker: StudyTracker, parent: str, trial: int, timestep: int, temperature: float, jf: float,
-              sequences: dict[str, tuple[float, float]], folder: Path) -> str:
+def log_trial(
+    tracker: StudyTracker,
+    parent: str,
+    trial: int,
+    timestep: int,
+    temperature: float,
+    jf: float,
+    sequences: dict[str, tuple[float, float]],
+    folder: Path,
+) -> str:
     config = trial_config(timestep, temperature, folder)
-    outcomes = [SequenceOutcome(i, name, 4, [1], [object_scores(name, *jfs)], {})
-                for i, (name, jfs) in enumerate(sequences.items())]
-    result = RunResult(config, folder, folder / "predictions", timestep, 1, metrics_for(jf), None, outcomes,
-                       {"total": 1.0})
+    outcomes = [
+        SequenceOutcome(i, name, 4, [1], [object_scores(name, *jfs)], {})
+        for i, (name, jfs) in enumerate(sequences.items())
+    ]
+    result = RunResult(
+        config, folder, folder / "predictions", timestep, 1, metrics_for(jf), None, outcomes, {"total": 1.0}
+    )
     run = tracker.start_trial(parent, trial, {}, config)
     for outcome in outcomes:
         run.log_sequence(outcome)
@@ -88,8 +109,9 @@ def store(
         tracker = trackers.setdefault(study, StudyTracker(tracking, study))
         parent = tracker.ensure_parent_run()
         folder = tmp_path_factory.mktemp(f"{study}-{trial}")
-        run_ids[(study, trial)] = log_trial(tracker, parent, trial, timestep, temperature, jf, sequences,
-                                            folder)
+        run_ids[(study, trial)] = log_trial(
+            tracker, parent, trial, timestep, temperature, jf, sequences, folder
+        )
     # runs that must not appear: a failed trial and a trial still running
     alpha = trackers["alpha"]
     config = trial_config(50, 0.2, tmp_path_factory.mktemp("unfinished"))
@@ -100,10 +122,20 @@ def store(
 
 
 def test_param_column_names() -> None:
-    names = param_column_names([
-        "backbone.name", "backbone.timestep", "resolved.timestep", "propagation.top_k", "dataset.root",
-        "model", "backbone.options.note", "propagation.seed", "backbone.seed", "rank",
-    ])
+    names = param_column_names(
+        [
+            "backbone.name",
+            "backbone.timestep",
+            "resolved.timestep",
+            "propagation.top_k",
+            "dataset.root",
+            "model",
+            "backbone.options.note",
+            "propagation.seed",
+            "backbone.seed",
+            "rank",
+        ]
+    )
     assert names == {
         "backbone.name": "backbone",
         "backbone.timestep": "backbone.timestep",
@@ -145,7 +177,12 @@ def test_study_leaderboard_is_ranked_by_jf(store: dict[str, object]) -> None:
 def test_cross_study_leaderboard(store: dict[str, object]) -> None:
     table = build_leaderboard(store["uri"], EXPERIMENT)
     assert list(zip(table["study"], table["trial"], strict=True)) == [
-        ("beta", 1), ("alpha", 1), ("beta", 0), ("alpha", 2), ("alpha", 0)]
+        ("beta", 1),
+        ("alpha", 1),
+        ("beta", 0),
+        ("alpha", 2),
+        ("alpha", 0),
+    ]
     assert table["rank"].tolist() == [1, 2, 3, 4, 5]
     assert math.isnan(table["jf/s1"][0]) and table["jf/s3"][0] == pytest.approx(0.9)
 
@@ -158,9 +195,14 @@ def test_missing_experiment_gives_empty_table(store: dict[str, object]) -> None:
 
 def test_export_writes_per_study_and_global_files(store: dict[str, object], tmp_path: Path) -> None:
     written = export_leaderboards(store["uri"], EXPERIMENT, tmp_path)
-    expected = {tmp_path / "alpha" / "leaderboard.csv", tmp_path / "alpha" / "leaderboard.md",
-                tmp_path / "beta" / "leaderboard.csv", tmp_path / "beta" / "leaderboard.md",
-                tmp_path / "leaderboard.csv", tmp_path / "leaderboard.md"}
+    expected = {
+        tmp_path / "alpha" / "leaderboard.csv",
+        tmp_path / "alpha" / "leaderboard.md",
+        tmp_path / "beta" / "leaderboard.csv",
+        tmp_path / "beta" / "leaderboard.md",
+        tmp_path / "leaderboard.csv",
+        tmp_path / "leaderboard.md",
+    }
     assert set(written) == expected
     assert {p for p in tmp_path.rglob("*") if p.is_file()} == expected  # no temp files left behind
 
@@ -188,12 +230,25 @@ def test_export_of_one_study(store: dict[str, object], tmp_path: Path) -> None:
 
 
 def test_markdown_table_by_hand() -> None:
-    table = pd.DataFrame({
-        "rank": [1, 2], "study": ["s", "s"], "trial": [3, 1], "timestep": [20, 10], "device": ["cpu", "cpu"],
-        "J&F-Mean": [0.81234, 0.5], "J-Mean": [0.9, 0.6], "J-Recall": [1.0, 1.0], "J-Decay": [0.0, 0.0],
-        "F-Mean": [0.72468, 0.4], "F-Recall": [1.0, 1.0], "F-Decay": [0.0, 0.0], "jf/a": [0.8, 0.5],
-        "run_id": ["r3", "r1"], "duration_s": [1.0, 2.0],
-    })
+    table = pd.DataFrame(
+        {
+            "rank": [1, 2],
+            "study": ["s", "s"],
+            "trial": [3, 1],
+            "timestep": [20, 10],
+            "device": ["cpu", "cpu"],
+            "J&F-Mean": [0.81234, 0.5],
+            "J-Mean": [0.9, 0.6],
+            "J-Recall": [1.0, 1.0],
+            "J-Decay": [0.0, 0.0],
+            "F-Mean": [0.72468, 0.4],
+            "F-Recall": [1.0, 1.0],
+            "F-Decay": [0.0, 0.0],
+            "jf/a": [0.8, 0.5],
+            "run_id": ["r3", "r1"],
+            "duration_s": [1.0, 2.0],
+        }
+    )
     assert leaderboard_markdown(table) == (
         "| rank | trial | timestep | J&F-Mean | J-Mean | F-Mean |\n"
         "|---|---|---|---|---|---|\n"
@@ -212,9 +267,19 @@ def test_study_axes_are_the_varying_settings(store: dict[str, object]) -> None:
 
 
 def test_study_axes_order_and_missing_values() -> None:
-    table = pd.DataFrame({
-        "rank": [1, 2, 3], "study": ["s"] * 3, "trial": [0, 1, 2], "zeta": ["a", "b", "a"],
-        "layer": [6, 7, None], "topk": [5, 5, 5], "seed": [1, None, None], "J&F-Mean": [0.5, 0.4, 0.3],
-        "jf/x": [0.1, 0.2, 0.3], "run_id": ["a", "b", "c"], "duration_s": [1.0, 1.0, 1.0],
-    })
+    table = pd.DataFrame(
+        {
+            "rank": [1, 2, 3],
+            "study": ["s"] * 3,
+            "trial": [0, 1, 2],
+            "zeta": ["a", "b", "a"],
+            "layer": [6, 7, None],
+            "topk": [5, 5, 5],
+            "seed": [1, None, None],
+            "J&F-Mean": [0.5, 0.4, 0.3],
+            "jf/x": [0.1, 0.2, 0.3],
+            "run_id": ["a", "b", "c"],
+            "duration_s": [1.0, 1.0, 1.0],
+        }
+    )
     assert study_axes(table) == ["layer", "zeta"]

@@ -10,9 +10,9 @@ import pytest
 
 from harness.config import RunConfig
 from harness.evaluation import ObjectScores
-from harness.leaderboard import export_leaderboards
 from harness.pipeline import RunResult, SequenceOutcome
 from harness.tracking import StudyTracker, TrackingConfig
+from harness.tracking.leaderboard import export_leaderboards
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -44,20 +44,44 @@ def leaderboard_csv(
             # a made-up score with some structure so that the plots have something to show
             jf = 0.8 - abs(timestep - 40) / 200 - abs(temperature - 0.1)
             folder = tmp_path_factory.mktemp(f"{study}-{number}")
-            config = RunConfig.from_dict({
-                "dataset": {"root": str(folder.parent / "no-data")},
-                "backbone": {"name": "adm", "timestep": timestep, "layer": layer},
-                "propagation": {"temperature": temperature, "topk": 5},
-                "output_dir": str(folder),
-            })
-            scores = [ObjectScores(f"seq{i}", 1, ("00001",), j=np.array([jf + 0.1 * i]),
-                                   f=np.array([jf - 0.05 * i])) for i in range(3)]
+            config = RunConfig.from_dict(
+                {
+                    "dataset": {"root": str(folder.parent / "no-data")},
+                    "backbone": {"name": "adm", "timestep": timestep, "layer": layer},
+                    "propagation": {"temperature": temperature, "topk": 5},
+                    "output_dir": str(folder),
+                }
+            )
+            scores = [
+                ObjectScores(
+                    f"seq{i}", 1, ("00001",), j=np.array([jf + 0.1 * i]), f=np.array([jf - 0.05 * i])
+                )
+                for i in range(3)
+            ]
             outcomes = [SequenceOutcome(i, f"seq{i}", 3, [1], [scores[i]], {}) for i in range(3)]
-            metrics = {"J&F-Mean": jf, "J-Mean": jf + 0.01, "J-Recall": 1.0, "J-Decay": 0.0,
-                       "F-Mean": jf - 0.01, "F-Recall": 1.0, "F-Decay": 0.0}
+            metrics = {
+                "J&F-Mean": jf,
+                "J-Mean": jf + 0.01,
+                "J-Recall": 1.0,
+                "J-Decay": 0.0,
+                "F-Mean": jf - 0.01,
+                "F-Recall": 1.0,
+                "F-Decay": 0.0,
+            }
             run = tracker.start_trial(parent, number, {}, config)
-            run.log_result(RunResult(config, folder, folder / "predictions", timestep, layer, metrics, None,
-                                     outcomes, {"total": 1.0}))
+            run.log_result(
+                RunResult(
+                    config,
+                    folder,
+                    folder / "predictions",
+                    timestep,
+                    layer,
+                    metrics,
+                    None,
+                    outcomes,
+                    {"total": 1.0},
+                )
+            )
             run.end()
     out = tmp_path_factory.mktemp("results")
     export_leaderboards(uri, EXPERIMENT, out)
@@ -87,8 +111,9 @@ def test_notebook_runs_on_a_leaderboard(leaderboard_csv: Path, monkeypatch: pyte
         pytest.skip("no 'python3' Jupyter kernel; install one with `python -m ipykernel install --user`")
     monkeypatch.setenv("DIFFVOS_LEADERBOARD", str(leaderboard_csv))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=180,
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = nbclient.NotebookClient(
+        notebook, kernel_name="python3", timeout=180, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     client.execute()  # raises CellExecutionError if a cell fails
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]

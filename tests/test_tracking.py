@@ -15,15 +15,18 @@ import socket
 import subprocess
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from harness.config import RunConfig
 from harness.data.masks import DAVIS_PALETTE, write_mask
@@ -37,9 +40,19 @@ from harness.tracking import (
     TrackingConfig,
     flatten_settings,
     overlay_image,
+    plots,
     project_git_commit,
     resolve_tracking_uri,
 )
+from harness.tracking.artifacts import (
+    FALSE_COLOUR,
+    GIF_FRAME_MS,
+    MISSED_COLOUR,
+    error_overlay_image,
+    gif_frame_indices,
+    worst_sequences,
+)
+from harness.tracking.environment import describe_device
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -88,12 +101,34 @@ def write_dataset_and_predictions(root: Path, predictions: Path) -> None:
         write_mask(root / "Annotations" / "480p" / name / "00000.png", labels, DAVIS_PALETTE)
 
 
-METRICS = {"J&F-Mean": 0.6125, "J-Mean": 0.65, "J-Recall": 0.75, "J-Decay": 0.05,
-           "F-Mean": 0.575, "F-Recall": 0.625, "F-Decay": 0.125}
+METRICS = {
+    "J&F-Mean": 0.6125,
+    "J-Mean": 0.65,
+    "J-Recall": 0.75,
+    "J-Decay": 0.05,
+    "F-Mean": 0.575,
+    "F-Recall": 0.625,
+    "F-Decay": 0.125,
+}
 TIMINGS = {"setup": 0.5, "extraction": 1.25, "propagation": 2.0, "evaluation": 0.25, "total": 4.0}
 # alpha: objects (J, F) = (0.8, 0.6) and (0.4, 0.2) -> J&F = mean(0.7, 0.3) = 0.5; beta: (1.0, 0.9) -> 0.95
 EXPECTED_JF = {"alpha": 0.5, "beta": 0.95}
 LONG_OPTION = "x" * 7000
+
+
+#: correspondence diagnostics as the method will report them per sequence (SequenceOutcome.metrics);
+#: text and flags are not metrics and must be left out
+DIAGNOSTICS = {
+    "alpha": {"corr_precision": 0.8, "corr_fg_to_bg": 0.1, "corr_bg_to_fg": 0.05, "note": "x", "flag": True},
+    "beta": {"corr_precision": 0.6, "corr_fg_to_bg": float("nan")},
+}
+
+
+@dataclass(frozen=True)
+class OutcomeWithDiagnostics(SequenceOutcome):
+    """A sequence outcome carrying a per-sequence metrics dict, as the methods work will add."""
+
+    metrics: dict[str, object] = field(default_factory=dict)
 
 
 def make_config(root: Path, output: Path, **sections: dict[str, object]) -> RunConfig:
@@ -113,15 +148,40 @@ def make_result(base: Path) -> RunResult:
     (output / "config.yaml").write_text("backbone:\n  name: random-conv\nresolved:\n  timestep: 25\n")
     outcomes = [
         # alpha: object 1 J = [1.0, 0.8, 0.6] -> mean 0.8, recall 1, decay mean(1.0, 0.8) - 0.6 = 0.3
-        SequenceOutcome(0, "alpha", 5, [1, 2], [object_scores("alpha", 1, [1.0, 0.8, 0.6], [0.6] * 3),
-                                                object_scores("alpha", 2, [0.4] * 3, [0.2] * 3)],
-                        {"extraction": 1.0, "propagation": 1.5}),
-        SequenceOutcome(1, "beta", 3, [1], [object_scores("beta", 1, [1.0], [0.9])],
-                        {"extraction": 0.25, "propagation": 0.5}),
+        OutcomeWithDiagnostics(
+            0,
+            "alpha",
+            5,
+            [1, 2],
+            [
+                object_scores("alpha", 1, [1.0, 0.8, 0.6], [0.6] * 3),
+                object_scores("alpha", 2, [0.4] * 3, [0.2] * 3),
+            ],
+            {"extraction": 1.0, "propagation": 1.5},
+            DIAGNOSTICS["alpha"],
+        ),
+        OutcomeWithDiagnostics(
+            1,
+            "beta",
+            3,
+            [1],
+            [object_scores("beta", 1, [1.0], [0.9])],
+            {"extraction": 0.25, "propagation": 0.5},
+            DIAGNOSTICS["beta"],
+        ),
     ]
-    return RunResult(make_config(root, output), output, predictions, timestep=25, layer=1,
-                     metrics=dict(METRICS), evaluation=None, sequences=outcomes, timings=dict(TIMINGS),
-                     cache_stats=CacheStats(hits=3, misses=2))
+    return RunResult(
+        make_config(root, output),
+        output,
+        predictions,
+        timestep=25,
+        layer=1,
+        metrics=dict(METRICS),
+        evaluation=None,
+        sequences=outcomes,
+        timings=dict(TIMINGS),
+        cache_stats=CacheStats(hits=3, misses=2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +200,11 @@ def logged(tracking: TrackingConfig, tmp_path_factory: pytest.TempPathFactory) -
 
 def download_text(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> str:
     return Path(client.download_artifacts(run_id, path, str(tmp_path))).read_text()
+
+
+def download_table(client: MlflowClient, run_id: str, path: str, tmp_path: Path) -> pd.DataFrame:
+    """A table logged with ``log_table`` (MLflow's own ``load_table`` reads the global tracking URI)."""
+    return pd.read_json(io.StringIO(download_text(client, run_id, path, tmp_path)), orient="split")
 
 
 # -- configuration -----------------------------------------------------------------------------------
@@ -191,8 +256,9 @@ def test_project_git_commit_reads_head_or_none(tmp_path: Path) -> None:
 # -- parent and child runs -----------------------------------------------------------------------------
 
 
-def test_parent_run_is_created_once(logged: dict[str, object], tracking: TrackingConfig,
-                                    client: MlflowClient) -> None:
+def test_parent_run_is_created_once(
+    logged: dict[str, object], tracking: TrackingConfig, client: MlflowClient
+) -> None:
     parent = logged["parent"]
     assert logged["tracker"].ensure_parent_run("timestep sweep") == parent
     # another process: a new tracker on the same store finds the same parent
@@ -208,8 +274,9 @@ def test_parent_run_is_created_once(logged: dict[str, object], tracking: Trackin
     assert run.data.params["space.t"] == "[0, 50]"
 
 
-def test_duplicate_parents_after_a_race_resolve_to_the_oldest(tracking: TrackingConfig,
-                                                              client: MlflowClient) -> None:
+def test_duplicate_parents_after_a_race_resolve_to_the_oldest(
+    tracking: TrackingConfig, client: MlflowClient
+) -> None:
     first = StudyTracker(tracking, "raced").ensure_parent_run()
     # what a second process that created its parent at the same moment would leave behind
     experiment_id = client.get_experiment_by_name("diffvos-test").experiment_id
@@ -218,8 +285,9 @@ def test_duplicate_parents_after_a_race_resolve_to_the_oldest(tracking: Tracking
     assert late.info.run_id != first
 
 
-def test_parents_of_different_studies_are_distinct(logged: dict[str, object],
-                                                    tracking: TrackingConfig) -> None:
+def test_parents_of_different_studies_are_distinct(
+    logged: dict[str, object], tracking: TrackingConfig
+) -> None:
     other = StudyTracker(tracking, "study-b").ensure_parent_run()
     assert other != logged["parent"]
 
@@ -246,8 +314,9 @@ def test_environment_tags(logged: dict[str, object], client: MlflowClient) -> No
     assert tags.get("diffvos.git_commit") == commit
 
 
-def test_params_hold_flattened_settings_and_resolved_values(logged: dict[str, object],
-                                                            client: MlflowClient) -> None:
+def test_params_hold_flattened_settings_and_resolved_values(
+    logged: dict[str, object], client: MlflowClient
+) -> None:
     params = client.get_run(logged["trial"].run_id).data.params
     assert params["propagation.temperature"] == "0.1"
     assert params["propagation.topk"] == "5"
@@ -275,13 +344,66 @@ def test_metrics_use_mlflow_safe_names(logged: dict[str, object], client: Mlflow
         assert metrics[f"jf/{name}"] == pytest.approx(jf)
 
 
-def test_sequence_metric_is_stepped_by_sequence_index(logged: dict[str, object],
-                                                       client: MlflowClient) -> None:
-    history = client.get_metric_history(logged["trial"].run_id, "sequence_jf")
-    assert sorted((m.step, round(m.value, 9)) for m in history) == [(0, EXPECTED_JF["alpha"]),
-                                                                     (1, EXPECTED_JF["beta"])]
+def test_per_frame_times_memory_and_diagnostics_are_metrics(
+    logged: dict[str, object], client: MlflowClient
+) -> None:
+    metrics = client.get_run(logged["trial"].run_id).data.metrics
+    frames = 5 + 3
+    for stage in ("extraction", "propagation", "evaluation", "total"):
+        assert metrics[f"time_{stage}_per_frame_ms"] == pytest.approx(1000 * TIMINGS[stage] / frames)
+    assert "time_setup_per_frame_ms" not in metrics  # loading the model is no per-frame cost
+    assert metrics["peak_rss_mb"] > 0
+    # no CUDA on the test machine: no GPU figure rather than a made-up zero
+    assert ("peak_gpu_memory_mb" in metrics) == torch.cuda.is_available()
+    # diagnostics: the mean over the sequences that report a finite value
+    assert metrics["corr_precision"] == pytest.approx(0.7)
+    assert metrics["corr_fg_to_bg"] == pytest.approx(0.1)
+    assert metrics["corr_bg_to_fg"] == pytest.approx(0.05)
+    assert "note" not in metrics and "flag" not in metrics
+
+
+def test_device_tag_names_the_kind_and_the_model(logged: dict[str, object], client: MlflowClient) -> None:
+    tags = client.get_run(logged["trial"].run_id).data.tags
+    expected = describe_device("cpu")
+    assert tags["diffvos.device"] == str(expected)
+    assert tags["diffvos.device"].startswith("cpu (") and tags["diffvos.device_kind"] == "cpu"
+
+
+def test_describe_device_names_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"Fake GPU {index}")
+    assert str(describe_device(None)) == "cuda:0 (Fake GPU 0)"
+    assert str(describe_device("cuda:1")) == "cuda:1 (Fake GPU 1)"
+    assert describe_device("cpu").kind == "cpu"
+
+
+def test_experiment_opens_in_the_model_training_view(
+    logged: dict[str, object], client: MlflowClient, tracking: TrackingConfig
+) -> None:
+    experiment = client.get_experiment(logged["tracker"].experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # an experiment made without the tag (older harness, another tool) gets it on first use
+    bare = client.create_experiment("made-elsewhere")
+    StudyTracker(TrackingConfig(tracking.tracking_uri, "made-elsewhere"), "s").experiment_id  # noqa: B018
+    assert client.get_experiment(bare).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_per_sequence_scores_are_a_table_artifact_not_a_stepped_metric(
+    logged: dict[str, object], client: MlflowClient, tmp_path: Path
+) -> None:
+    run_id = logged["trial"].run_id
+    assert client.get_metric_history(run_id, "sequence_jf") == []
+    table = download_table(client, run_id, "per_sequence.json", tmp_path)
+    assert table["sequence"].tolist() == ["alpha", "beta"]
+    assert table["J&F"].tolist() == pytest.approx([EXPECTED_JF["alpha"], EXPECTED_JF["beta"]])
+    assert table["frames"].tolist() == [5, 3] and table["objects"].tolist() == [2, 1]
+    assert table["seconds"].tolist() == pytest.approx([2.5, 0.75])
+    assert table["corr_precision"].tolist() == pytest.approx([0.8, 0.6])
+    assert table["corr_bg_to_fg"][0] == pytest.approx(0.05) and pd.isna(table["corr_bg_to_fg"][1])
+    # the UI lists it as a table (MLflow's logged-artifacts tag)
+    assert '"type": "table"' in client.get_run(run_id).data.tags["mlflow.loggedArtifacts"]
     # log_result does not log the per-sequence metric a second time
-    assert [m.step for m in client.get_metric_history(logged["trial"].run_id, "jf/beta")] == [1]
+    assert [m.step for m in client.get_metric_history(run_id, "jf/beta")] == [1]
 
 
 def test_artifacts(logged: dict[str, object], client: MlflowClient, tmp_path: Path) -> None:
@@ -299,8 +421,14 @@ def test_artifacts(logged: dict[str, object], client: MlflowClient, tmp_path: Pa
 
     overlays = Path(client.download_artifacts(run_id, "overlays", str(tmp_path)))
     found = sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png"))
-    assert found == ["alpha/00000.png", "alpha/00002.png", "alpha/00004.png",
-                     "beta/00000.png", "beta/00001.png", "beta/00002.png"]
+    assert found == [
+        "alpha/00000.png",
+        "alpha/00002.png",
+        "alpha/00004.png",
+        "beta/00000.png",
+        "beta/00001.png",
+        "beta/00002.png",
+    ]
     assert Image.open(overlays / "alpha" / "00002.png").size == (480, 240)
     beta = np.asarray(Image.open(overlays / "beta" / "00001.png").convert("RGB"))
     assert beta.shape == (48, 64, 3)
@@ -310,11 +438,23 @@ def test_artifacts(logged: dict[str, object], client: MlflowClient, tmp_path: Pa
 
     rows = list(csv.DictReader(io.StringIO(download_text(client, run_id, "per_sequence.csv", tmp_path))))
     assert [row["sequence"] for row in rows] == ["alpha", "beta"]
+    assert float(rows[0]["corr_precision"]) == pytest.approx(0.8) and rows[1]["corr_bg_to_fg"] == ""
+    assert "note" not in rows[0]
+
+    gifs = Path(client.download_artifacts(run_id, "worst_sequences", str(tmp_path)))
+    assert sorted(p.name for p in gifs.iterdir()) == ["01-alpha.gif", "02-beta.gif"]  # alpha 0.5 < beta 0.95
+    with Image.open(gifs / "01-alpha.gif") as gif:
+        # the 5 frames are identical here, so Pillow stores one frame that lasts as long as the five
+        shown_ms = sum(frame.info["duration"] for frame in ImageSequence.Iterator(gif))
+        assert shown_ms == 5 * GIF_FRAME_MS and gif.size == (320, 160)
     assert float(rows[0]["J&F"]) == pytest.approx(0.5)
     assert float(rows[0]["J-Mean"]) == pytest.approx(0.6) and float(rows[0]["F-Mean"]) == pytest.approx(0.4)
     objects = list(csv.DictReader(io.StringIO(download_text(client, run_id, "per_object.csv", tmp_path))))
-    assert [(row["sequence"], row["object"]) for row in objects] == [("alpha", "1"), ("alpha", "2"),
-                                                                       ("beta", "1")]
+    assert [(row["sequence"], row["object"]) for row in objects] == [
+        ("alpha", "1"),
+        ("alpha", "2"),
+        ("beta", "1"),
+    ]
     first, second = objects[0], objects[1]
     assert float(first["J-Mean"]) == pytest.approx(0.8) and float(first["J-Decay"]) == pytest.approx(0.3)
     assert float(first["J-Recall"]) == 1.0 and first["scored_frames"] == "3"
@@ -332,6 +472,39 @@ def test_overlay_image_blends_and_downscales() -> None:
     pixels = np.asarray(image)
     assert tuple(pixels[0, 10]) == (150, 182, 150)  # 0.75 * 200 + 0.25 * (0, 128, 0)
     assert tuple(pixels[0, 90]) == (200, 200, 200)
+
+
+def test_error_overlay_colours_missed_and_false_pixels() -> None:
+    frame = np.full((2, 4, 3), 100, dtype=np.uint8)
+    truth = np.array([[1, 1, 0, 255], [2, 0, 0, 0]], dtype=np.uint8)
+    predicted = np.array([[1, 0, 1, 1], [1, 0, 0, 0]], dtype=np.uint8)
+    pixels = np.asarray(error_overlay_image(frame, predicted, truth, DAVIS_PALETTE, alpha=0.5))
+    correct = tuple(pixels[0, 0])
+    assert correct == (114, 50, 50)  # object 1 in DAVIS red, half and half
+    missed = np.array(MISSED_COLOUR) * 0.75 + 100 * 0.25
+    # object 1 predicted as background
+    assert tuple(pixels[0, 1]) == tuple(np.floor(missed + 0.5).astype(int))
+    false = np.array(FALSE_COLOUR) * 0.75 + np.array([114, 50, 50]) * 0.25
+    assert tuple(pixels[0, 2]) == tuple(np.floor(false + 0.5).astype(int))  # background labelled 1
+    assert tuple(pixels[1, 0]) == tuple(pixels[0, 2])  # object 2 labelled 1: a false label too
+    assert tuple(pixels[0, 3]) == correct  # void in the ground truth: no error
+    assert tuple(pixels[1, 1]) == (100, 100, 100)
+    # without ground truth: the predicted masks only
+    plain = np.asarray(error_overlay_image(frame, predicted, None, DAVIS_PALETTE, alpha=0.5))
+    assert tuple(plain[0, 2]) == correct and tuple(plain[0, 1]) == (100, 100, 100)
+
+
+def test_gif_frames_are_evenly_spaced_and_worst_sequences_come_first() -> None:
+    assert gif_frame_indices(5, 40) == [0, 1, 2, 3, 4]
+    picked = gif_frame_indices(100, 5)
+    assert picked == [0, 25, 50, 74, 99]
+    outcomes = [
+        SequenceOutcome(i, name, 3, [1], [object_scores(name, 1, [jf], [jf])], {})
+        for i, (name, jf) in enumerate([("a", 0.9), ("b", 0.2), ("c", 0.5), ("d", 0.2)])
+    ]
+    assert worst_sequences(outcomes, 3) == ["b", "d", "c"]
+    unscored = [SequenceOutcome(i, name, 3, [1], None, {}) for i, name in enumerate("xyz")]
+    assert worst_sequences(unscored, 2) == ["x", "y"]
 
 
 # -- ending runs ---------------------------------------------------------------------------------------
@@ -375,8 +548,9 @@ def test_context_manager_fails_the_run_on_exception(logged: dict[str, object], c
     assert "diffvos.error" not in info.data.tags
 
 
-def test_changed_setting_is_kept_and_reported_not_fatal(logged: dict[str, object], client: MlflowClient,
-                                                        tmp_path: Path) -> None:
+def test_changed_setting_is_kept_and_reported_not_fatal(
+    logged: dict[str, object], client: MlflowClient, tmp_path: Path
+) -> None:
     tracker: StudyTracker = logged["tracker"]
     result: RunResult = logged["result"]
     started = result.config.with_overrides({"output_dir": "somewhere/else"})
@@ -411,12 +585,19 @@ def test_close_stale_trials_closes_only_running_runs_of_failed_trials(
 # -- the parent's summary ------------------------------------------------------------------------------
 
 
-SPACE = {"backbone.timestep": IntDistribution(0, 100, step=10),
-         "backbone.layer": CategoricalDistribution(["6", "up_ft2"])}
+SPACE = {
+    "backbone.timestep": IntDistribution(0, 100, step=10),
+    "backbone.layer": CategoricalDistribution(["6", "up_ft2"]),
+}
+
+
+#: per-sequence scores a trial reports: its value plus these offsets (two sequences)
+SEQUENCE_OFFSETS = (-0.1, 0.1)
 
 
 def make_study(outcomes: list[tuple[int, str, float | TrialState]]) -> optuna.Study:
-    """An in-memory study whose trials have the given (timestep, layer, value or end state)."""
+    """An in-memory study whose trials have the given (timestep, layer, value or end state); complete
+    trials report per-sequence scores value -0.1 and +0.1 as the objective does."""
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for timestep, layer, value in outcomes:
         study.enqueue_trial({"backbone.timestep": timestep, "backbone.layer": layer})
@@ -424,14 +605,119 @@ def make_study(outcomes: list[tuple[int, str, float | TrialState]]) -> optuna.St
         if isinstance(value, TrialState):
             study.tell(trial, state=value)
         else:
+            for step, offset in enumerate(SEQUENCE_OFFSETS):
+                trial.report(value + offset, step)
             study.tell(trial, value)
     return study
 
 
-def test_update_parent_logs_counts_best_value_and_plots(tracking: TrackingConfig, client: MlflowClient,
-                                                        tmp_path: Path) -> None:
-    study = make_study([(10, "6", 0.5), (20, "6", 0.7), (30, "up_ft2", 0.6), (20, "up_ft2", 0.65),
-                        (40, "6", TrialState.FAIL), (50, "6", TrialState.PRUNED)])
+def line_segments(ax: object, label: str) -> list[np.ndarray]:
+    """The segments of the line collection (``vlines``) with ``label``."""
+    collections = [c for c in ax.collections if c.get_label() == label]
+    assert len(collections) == 1, [c.get_label() for c in ax.collections]
+    return collections[0].get_segments()
+
+
+def test_setting_plot_has_per_sequence_spread_and_integer_ticks() -> None:
+    study = make_study([(10, "6", 0.5), (20, "6", 0.7), (20, "up_ft2", 0.6), (30, "up_ft2", 0.65)])
+    figures = plots.study_figures(study)
+    ax = figures["jf_vs_timestep.png"].axes[0]
+    assert ax.get_xticks().tolist() == [10, 20, 30]
+    assert [label.get_text() for label in ax.get_xticklabels()] == ["10", "20", "30"]
+    # t 20: trials 0.7 and 0.6 -> sequences 0.6, 0.8, 0.5, 0.7: range 0.5-0.8, middle half 0.575-0.725
+    ranges = {round(seg[0][0]): (seg[0][1], seg[1][1]) for seg in line_segments(ax, "sequences: range")}
+    assert ranges[20] == pytest.approx((0.5, 0.8)) and ranges[10] == pytest.approx((0.4, 0.6))
+    middle = {round(seg[0][0]): (seg[0][1], seg[1][1]) for seg in line_segments(ax, "sequences: middle half")}
+    assert middle[20] == pytest.approx((0.575, 0.725))
+    means = [line for line in ax.get_lines() if line.get_label() == "mean"][0]
+    assert means.get_ydata().tolist() == pytest.approx([0.5, 0.65, 0.65])
+    layer_ax = figures["jf_vs_layer.png"].axes[0]
+    assert [label.get_text() for label in layer_ax.get_xticklabels()] == ["6", "up_ft2"]
+
+
+def test_published_setting_is_marked_when_the_study_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness import published
+
+    system = published.PublishedSystem(
+        name="paper-adm",
+        description="",
+        jf=76.8,
+        source="test",
+        weights=("adm",),
+        overrides={"backbone.name": "adm", "backbone.timestep": 30, "backbone.layer": 6},
+    )
+    monkeypatch.setattr(published, "PUBLISHED", {"paper-adm": system})
+    study = optuna.create_study(direction="maximize")
+    for timestep, value in ((0, 0.5), (30, 0.7), (60, 0.6)):
+        study.enqueue_trial({"backbone.timestep": timestep})
+        trial = study.ask({"backbone.timestep": SPACE["backbone.timestep"]})
+        study.tell(trial, value)
+
+    def marks(fixed: dict[str, object]) -> list[tuple[float, str]]:
+        ax = plots.study_figures(study, fixed=fixed)["jf_vs_timestep.png"].axes[0]
+        return [
+            (line.get_xdata()[0], line.get_label())
+            for line in ax.get_lines()
+            if line.get_label().startswith("published")
+        ]
+
+    # the study's fixed settings hold layer 6 as text, as MLflow params do
+    assert marks({"backbone.name": "adm", "backbone.layer": "6"}) == [(30, "published: paper-adm (76.8 J&F)")]
+    assert marks({"backbone.name": "sd2.1"}) == []
+    assert marks({"backbone.name": "adm", "backbone.layer": 9}) == []
+
+
+def test_confounded_settings_get_a_marginal_plot_not_importance() -> None:
+    # every t 10 trial used layer 6 and every t 30 trial layer up_ft2: their effects cannot be separated
+    study = make_study([(10, "6", 0.5), (10, "6", 0.55), (30, "up_ft2", 0.7), (30, "up_ft2", 0.65)])
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert plots.confounded_pairs(complete, ["backbone.timestep", "backbone.layer"]) == [
+        ("backbone.timestep", "backbone.layer")
+    ]
+    figures = plots.study_figures(study)
+    assert "param_importance.png" not in figures
+    ax = figures["marginal_effects.png"].axes[0]
+    assert "not adjusted" in ax.get_title()
+    assert [bar.get_width() for bar in ax.patches] == pytest.approx([0.15, 0.15])
+    # a continuous axis whose values never repeat confounds nothing by itself
+    crossed = make_study([(10, "6", 0.5), (20, "6", 0.55), (30, "up_ft2", 0.7), (40, "up_ft2", 0.65)])
+    assert (
+        plots.confounded_pairs(
+            crossed.get_trials(states=(TrialState.COMPLETE,)), ["backbone.timestep", "backbone.layer"]
+        )
+        == []
+    )
+
+
+def test_update_parent_passes_the_study_fixed_settings_to_the_plots(
+    tracking: TrackingConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+
+    def record(study: optuna.Study, fixed: dict[str, object] | None = None) -> dict[str, object]:
+        seen.append(fixed)
+        return {}
+
+    monkeypatch.setattr(plots, "study_figures", record)
+    tracker = StudyTracker(tracking, "fixed-settings")
+    parent = tracker.ensure_parent_run(params={"fixed": {"backbone.name": "adm", "backbone.layer": 6}})
+    tracker.update_parent(parent, make_study([(10, "6", 0.5)]))
+    assert seen == [{"backbone.name": "adm", "backbone.layer": 6}]
+
+
+def test_update_parent_logs_counts_best_value_and_plots(
+    tracking: TrackingConfig, client: MlflowClient, tmp_path: Path
+) -> None:
+    study = make_study(
+        [
+            (10, "6", 0.5),
+            (20, "6", 0.7),
+            (30, "up_ft2", 0.6),
+            (20, "up_ft2", 0.65),
+            (40, "6", TrialState.FAIL),
+            (50, "6", TrialState.PRUNED),
+        ]
+    )
     tracker = StudyTracker(tracking, "plots")
     parent = tracker.ensure_parent_run()
     running = study.ask(SPACE)
@@ -459,23 +745,25 @@ def test_update_parent_logs_counts_best_value_and_plots(tracking: TrackingConfig
     assert client.get_run(parent).info.status == "RUNNING"  # a resumed sweep reopens its parent
 
 
-def test_update_parent_survives_importance_failure(tracking: TrackingConfig, client: MlflowClient,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_update_parent_survives_importance_failure(
+    tracking: TrackingConfig, client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*args: object, **kwargs: object) -> dict[str, float]:
         raise RuntimeError("fANOVA exploded")
 
     monkeypatch.setattr(optuna.importance, "get_param_importances", broken)
-    study = make_study([(10, "6", 0.5), (20, "6", 0.7)])
+    study = make_study([(10, "6", 0.5), (20, "6", 0.7), (10, "up_ft2", 0.4), (20, "up_ft2", 0.6)])
     tracker = StudyTracker(tracking, "importance-fails")
     parent = tracker.ensure_parent_run()
     with pytest.warns(UserWarning, match="fANOVA exploded"):
         tracker.update_parent(parent, study)
     names = sorted(a.path for a in client.list_artifacts(parent, "plots"))
-    assert names == ["plots/jf_vs_timestep.png", "plots/optimization_history.png"]
+    assert names == ["plots/jf_vs_layer.png", "plots/jf_vs_timestep.png", "plots/optimization_history.png"]
 
 
-def test_update_parent_without_complete_trials_logs_no_plots(tracking: TrackingConfig,
-                                                             client: MlflowClient) -> None:
+def test_update_parent_without_complete_trials_logs_no_plots(
+    tracking: TrackingConfig, client: MlflowClient
+) -> None:
     study = make_study([(10, "6", TrialState.FAIL)])
     tracker = StudyTracker(tracking, "all-failed")
     parent = tracker.ensure_parent_run()
@@ -494,14 +782,16 @@ def test_real_pipeline_run_is_tracked(tracking: TrackingConfig, client: MlflowCl
     from harness.pipeline import run
 
     root = make_synthetic_dataset(tmp_path / "data")
-    config = RunConfig.from_dict({
-        "dataset": {"root": str(root), "split": "val"},
-        "backbone": {"name": "random-conv", "device": "cpu"},
-        "input": {"short_side": 64},
-        "cache": {"enabled": False},
-        "output_dir": str(tmp_path / "run"),
-        "progress": False,
-    })
+    config = RunConfig.from_dict(
+        {
+            "dataset": {"root": str(root), "split": "val"},
+            "backbone": {"name": "random-conv", "device": "cpu"},
+            "input": {"short_side": 64},
+            "cache": {"enabled": False},
+            "output_dir": str(tmp_path / "run"),
+            "progress": False,
+        }
+    )
     tracker = StudyTracker(tracking, "integration")
     parent = tracker.ensure_parent_run()
     trial = tracker.start_trial(parent, 0, {}, config)
@@ -514,8 +804,8 @@ def test_real_pipeline_run_is_tracked(tracking: TrackingConfig, client: MlflowCl
     assert logged.info.status == "FINISHED"
     assert logged.data.metrics["JF_mean"] == pytest.approx(result.metrics["J&F-Mean"])
     assert logged.data.params["resolved.layer"] == str(result.layer)
-    history = client.get_metric_history(trial.run_id, "sequence_jf")
-    assert sorted(m.step for m in history) == list(range(len(result.sequences)))
+    table = download_table(client, trial.run_id, "per_sequence.json", tmp_path)
+    assert table["sequence"].tolist() == [o.name for o in result.sequences]
     artifacts = {a.path for a in client.list_artifacts(trial.run_id)}
     assert {"config.yaml", "predictions.zip", "overlays", "per_sequence.csv", "per_object.csv"} <= artifacts
     table = download_text(client, trial.run_id, "per_object.csv", tmp_path)

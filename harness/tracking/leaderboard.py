@@ -24,15 +24,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
 from harness.errors import ConfigError
-from harness.tracking import (
-    DEFAULT_EXPERIMENT,
-    METRIC_NAMES,
-    ROLE_TRIAL,
-    TAG_ROLE,
-    TAG_STUDY,
-    TAG_TRIAL,
-    resolve_tracking_uri,
-)
+from harness.tracking.names import METRIC_NAMES, ROLE_TRIAL, TAG_ROLE, TAG_STUDY, TAG_TRIAL
+from harness.tracking.runs import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
 #: leaderboard column -> MLflow metric name
 METRIC_COLUMNS: dict[str, str] = dict(METRIC_NAMES)
