@@ -7,9 +7,12 @@ do not depend on the rest of the pipeline; one integration test runs the real pi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.metadata
 import importlib.util
 import io
+import json
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +46,7 @@ from harness.tracking import (
     plots,
     project_git_commit,
     resolve_tracking_uri,
+    track_run,
 )
 from harness.tracking.artifacts import (
     FALSE_COLOUR,
@@ -814,3 +818,146 @@ def test_real_pipeline_run_is_tracked(tracking: TrackingConfig, client: MlflowCl
     assert float(objects[0]["J-Mean"]) == pytest.approx(result.evaluation.objects[0].j_statistics.mean)
     overlays = client.list_artifacts(trial.run_id, "overlays")
     assert sorted(Path(a.path).name for a in overlays) == sorted(o.name for o in result.sequences)
+
+
+# -- one-off runs: harness run --track / --overlays --------------------------------------------------------
+
+
+def cli_args(result: RunResult, tracking: TrackingConfig, *extra: str) -> list[str]:
+    """``harness run`` arguments that give the same settings as ``result.config``."""
+    config = result.config
+    return [
+        "run",
+        "--quiet",
+        "--set",
+        f"dataset.root={config.dataset.root}",
+        "--set",
+        f"dataset.sequences={json.dumps(list(config.dataset.sequences))}",
+        "--set",
+        f"backbone.timestep={config.backbone.timestep}",
+        "--set",
+        f"output_dir={config.output_dir}",
+        "--tracking-uri",
+        tracking.tracking_uri,
+        "--experiment",
+        tracking.experiment,
+        *extra,
+    ]
+
+
+def test_harness_run_track_logs_like_a_trial(
+    tracking: TrackingConfig,
+    client: MlflowClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import harness.pipeline
+    from harness.cli import main
+    from harness.tracking.leaderboard import build_leaderboard
+
+    template = make_result(tmp_path)
+    template = dataclasses.replace(template, config=make_config(tmp_path / "data", tmp_path / "run"))
+    given: list[RunConfig] = []
+
+    def fake_run(config: RunConfig, **kwargs: object) -> RunResult:
+        given.append(config)
+        kwargs["on_sequence"](template.sequences[0])  # type: ignore[operator]
+        return dataclasses.replace(template, config=config)
+
+    monkeypatch.setattr(harness.pipeline, "run", fake_run)
+    assert main(cli_args(template, tracking, "--track", "--study", "one-offs", "--overlays", "1")) == 0
+    printed = capsys.readouterr().out
+    run_id = re.search(r"MLflow run (\w+) \(experiment diffvos-test, study one-offs\)", printed).group(1)
+    assert given[0].backbone.timestep == 25 and given[0].dataset.sequences == ["alpha", "beta"]
+
+    # the same result logged as a sweep trial
+    tracker = StudyTracker(tracking, "one-offs-as-trials")
+    trial = tracker.start_trial(tracker.ensure_parent_run(), 0, {}, given[0])
+    trial.log_sequence(template.sequences[0])
+    trial.log_result(dataclasses.replace(template, config=given[0]), worst_sequences=1)
+    trial.end()
+
+    one_off, as_trial = client.get_run(run_id), client.get_run(trial.run_id)
+    assert one_off.info.status == "FINISHED"
+    assert one_off.data.params == as_trial.data.params
+    assert set(one_off.data.metrics) == set(as_trial.data.metrics)
+    assert one_off.data.metrics["JF_mean"] == as_trial.data.metrics["JF_mean"]
+
+    def artifacts(run: str) -> set[str]:
+        found, folders = set(), [None]
+        while folders:
+            for item in client.list_artifacts(run, folders.pop()):
+                (folders.append(item.path) if item.is_dir else found.add(item.path))
+        return found
+
+    assert artifacts(run_id) == artifacts(trial.run_id)
+    assert "worst_sequences/01-alpha.gif" in artifacts(run_id)
+    tags = one_off.data.tags
+    assert (
+        tags["diffvos.role"] == "run" and tags["diffvos.study"] == "one-offs" and "diffvos.trial" not in tags
+    )
+    parent = client.get_run(tags["mlflow.parentRunId"])
+    assert parent.data.tags["diffvos.role"] == "parent" and parent.info.status == "FINISHED"
+    # it sits on the leaderboard beside trials, with no trial number
+    table = build_leaderboard(tracking.tracking_uri, tracking.experiment, "one-offs")
+    assert table["run_id"].tolist() == [run_id] and pd.isna(table["trial"][0])
+    # --overlays also wrote the worst sequence's GIF next to the predictions
+    assert sorted(p.name for p in (tmp_path / "run" / "overlays").iterdir()) == ["01-alpha.gif"]
+
+
+def test_track_run_records_a_failed_run(
+    tracking: TrackingConfig, client: MlflowClient, tmp_path: Path
+) -> None:
+    def broken(config: RunConfig, **kwargs: object) -> RunResult:
+        raise RuntimeError("CUDA out of memory")
+
+    config = make_config(tmp_path / "data", tmp_path / "run")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        track_run(
+            config, tracking, study="failing-one-offs", runner=broken, tags={"diffvos.system": "paper-adm"}
+        )
+    experiment = client.get_experiment_by_name(tracking.experiment).experiment_id
+    [run] = client.search_runs(
+        [experiment], "tags.`diffvos.study` = 'failing-one-offs' and tags.`diffvos.role` = 'run'"
+    )
+    assert run.info.status == "FAILED" and "out of memory" in run.data.tags["diffvos.error"]
+    assert run.data.tags["diffvos.system"] == "paper-adm"
+
+
+@pytest.mark.slow
+def test_harness_run_track_with_the_real_pipeline(
+    tracking: TrackingConfig,
+    client: MlflowClient,
+    synth_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from harness.cli import main
+
+    args = [
+        "run",
+        "--quiet",
+        "--track",
+        "--tracking-uri",
+        tracking.tracking_uri,
+        "--experiment",
+        tracking.experiment,
+        "--set",
+        f"dataset.root={synth_root}",
+        "--set",
+        "input.short_side=64",
+        "--set",
+        "cache.enabled=false",
+        "--set",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    run_id = re.search(r"MLflow run (\w+)", printed).group(1)
+    run = client.get_run(run_id)
+    jf = float(re.search(r"J&F-Mean (\S+)", printed).group(1))
+    assert run.info.status == "FINISHED" and run.data.metrics["JF_mean"] == pytest.approx(jf, abs=1e-4)
+    assert run.data.tags["diffvos.study"] == "runs"
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"per_sequence.json", "per_sequence.csv", "predictions.zip", "worst_sequences"} <= names
