@@ -26,6 +26,7 @@ from harness.tracking.leaderboard import (
     matches_system,
     param_column_names,
     relative_path,
+    row_label,
     study_axes,
 )
 
@@ -394,3 +395,9 @@ def test_load_leaderboard_reads_the_fresher_source(
     with pytest.raises(FileNotFoundError, match="neither"):
         load_leaderboard(tmp_path / "missing.csv", f"sqlite:///{tmp_path / 'none.db'}", EXPERIMENT)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_row_labels_name_the_trial_not_a_time_step() -> None:
+    assert row_label(1, "timestep", 11) == "#1 timestep trial 11"
+    assert row_label(2, "runs", float("nan")) == "#2 runs one-off"
+    assert row_label(3, "runs", None) == "#3 runs one-off"

@@ -360,11 +360,19 @@ def load_leaderboard(
     if not csv_exists:
         return build_leaderboard(uri, experiment), f"read from {store}; no CSV at {csv_path}"
     csv_time = Path(csv_path).stat().st_mtime  # type: ignore[arg-type]
-    newest = newest_run_end(uri, experiment) if store_exists else None
+    if not store_exists:
+        return pd.read_csv(csv_path), f"read from the CSV {csv_path} (no tracking database at {local_db})"
+    newest = newest_run_end(uri, experiment)
     if newest is not None and newest > csv_time:
         return build_leaderboard(uri, experiment), f"read from {store}: it has runs newer than {csv_path}"
     reason = "no run in the store is newer" if newest is not None else "the store has no finished runs"
-    return pd.read_csv(csv_path), f"read from the CSV {csv_path} ({reason})"
+    return pd.read_csv(csv_path), f"read from the CSV {csv_path} ({reason} in {store})"
+
+
+def row_label(rank: object, study: object, trial: object) -> str:
+    """How a leaderboard row is named in plots: ``#1 timestep trial 3`` (``one-off`` for tracked runs)."""
+    which = "one-off" if trial is None or pd.isna(trial) else f"trial {int(trial)}"  # type: ignore[call-overload]
+    return f"#{rank} {study} {which}"
 
 
 def study_leaderboard(table: pd.DataFrame, study: str) -> pd.DataFrame:
@@ -488,6 +496,7 @@ __all__ = [
     "matches_system",
     "newest_run_end",
     "param_column_names",
+    "row_label",
     "study_axes",
     "study_leaderboard",
     "write_leaderboard",
