@@ -961,3 +961,32 @@ def test_harness_run_track_with_the_real_pipeline(
     assert run.data.tags["diffvos.study"] == "runs"
     names = {a.path for a in client.list_artifacts(run_id)}
     assert {"per_sequence.json", "per_sequence.csv", "predictions.zip", "worst_sequences"} <= names
+
+
+def test_peak_gpu_memory_covers_the_run_since_it_started(
+    tracking: TrackingConfig, client: MlflowClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA faked: the run resets the peak counters of every GPU when it starts and logs their sum."""
+    peaks = {0: 7 * 1024**2, 1: 5 * 1024**2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda index: peaks.update({index: 0}))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: peaks[index])
+    tracker = StudyTracker(tracking, "gpu-memory")
+    parent = tracker.ensure_parent_run()
+    logged = {}
+    for device in ("cuda", "cpu"):
+        result = make_result(tmp_path / device)
+        result = dataclasses.replace(result, config=result.config.with_overrides({"backbone.device": device}))
+        trial = tracker.start_trial(parent, len(logged), {}, result.config)
+        assert peaks == {0: 0, 1: 0}  # reset when the run started
+        peaks.update({0: 3 * 1024**2, 1: 1024**2})  # what the run itself allocated at most
+        trial.log_result(result)
+        trial.end()
+        logged[device] = client.get_run(trial.run_id).data
+    assert logged["cuda"].metrics["peak_gpu_memory_mb"] == pytest.approx(4.0)
+    assert logged["cuda"].tags["diffvos.device"] == "cuda:0 (Fake GPU)"
+    # a run the config keeps on the CPU gets no GPU figure, even on a machine with GPUs
+    assert "peak_gpu_memory_mb" not in logged["cpu"].metrics
+    assert logged["cpu"].tags["diffvos.device"].startswith("cpu (")

@@ -152,12 +152,18 @@ def _cuda_available() -> bool:
         return False
 
 
+def uses_cuda(requested: str | None = None) -> bool:
+    """Whether a run with ``backbone.device = requested`` runs on CUDA (None/auto = when available)."""
+    requested = str(requested or "").strip().lower()
+    wants_cuda = requested in ("", "auto", "cuda") or requested.startswith("cuda:")
+    return wants_cuda and _cuda_available()
+
+
 def describe_device(requested: str | None = None) -> DeviceDescription:
     """Which device a run with ``backbone.device = requested`` uses (None/auto = CUDA when available),
     named: the GPU's name for CUDA, the CPU model otherwise."""
     requested = str(requested or "").strip().lower()
-    wants_cuda = requested in ("", "auto", "cuda") or requested.startswith("cuda:")
-    if wants_cuda and _cuda_available():
+    if uses_cuda(requested):
         import torch
 
         index = int(requested.split(":", 1)[1]) if requested.startswith("cuda:") else 0
@@ -241,5 +247,6 @@ __all__ = [
     "process_peak_rss_bytes",
     "project_git_commit",
     "reset_peak_gpu_memory",
+    "uses_cuda",
     "versions",
 ]

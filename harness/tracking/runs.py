@@ -6,7 +6,7 @@ ids, never through MLflow's global "active run": several trials (threads or proc
 Metrics of a trial run (DAVIS names mapped by :data:`~harness.tracking.names.METRIC_NAMES`): ``JF_mean``,
 ``J_mean``, ...; ``jf/<sequence>``; ``time_<stage>_s`` and ``time_<stage>_per_frame_ms`` for every
 pipeline timing (extraction, propagation, evaluation, total, ...); ``cache_<counter>`` for the feature
-cache's counters; ``peak_gpu_memory_mb`` (CUDA; peak since the run started) and ``peak_rss_mb`` (the
+cache's counters; ``peak_gpu_memory_mb`` (runs on CUDA; peak since the run started) and ``peak_rss_mb`` (the
 worker process's peak so far); the correspondence diagnostics (``corr_precision``, ...) when the method
 reports them. Per-sequence scores are a table artifact (``per_sequence.json``, shown by the UI's
 artifact view; also ``per_sequence.csv``), not a stepped metric.
@@ -56,6 +56,7 @@ from harness.tracking.environment import (
     process_peak_rss_bytes,
     project_git_commit,
     reset_peak_gpu_memory,
+    uses_cuda,
 )
 from harness.tracking.names import (
     EXPERIMENT_KIND,
@@ -336,7 +337,7 @@ class TrialRun:
         if result.cache_stats is not None:
             for counter, value in numeric_fields(result.cache_stats).items():
                 metrics[f"cache_{counter}"] = value
-        gpu_peak = peak_gpu_memory_bytes()
+        gpu_peak = peak_gpu_memory_bytes() if uses_cuda(result.config.backbone.device) else None
         if gpu_peak is not None:
             metrics["peak_gpu_memory_mb"] = gpu_peak / MB
         metrics["peak_rss_mb"] = process_peak_rss_bytes() / MB
