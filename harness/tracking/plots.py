@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     import optuna
 
 DEFAULT_METRIC_LABEL = "J&F-Mean"
-#: integer axes with at most this many values get one tick per value
-MAX_LABELLED_TICKS = 20
+#: integer axes with at most this many values, none closer than 1/this of the range, get a tick per value
+MAX_LABELLED_TICKS = 12
 
 
 def _is_missing(value: object) -> bool:
@@ -122,10 +122,13 @@ def draw_metric_vs_param(
         ax.set_xticks([position[level] for level in levels])
         ax.set_xticklabels([str(level) for level in levels], rotation=45 if len(levels) > 6 else 0)
     elif all(_is_integer(representative[level]) for level in levels):
-        if len(levels) <= MAX_LABELLED_TICKS:
-            ax.set_xticks([position[level] for level in levels])
-            ax.set_xticklabels([str(int(position[level])) for level in levels])
-        else:
+        ticks = sorted(position[level] for level in levels)
+        span = ticks[-1] - ticks[0]
+        gaps = [right - left for left, right in zip(ticks, ticks[1:], strict=False)]
+        if len(ticks) <= MAX_LABELLED_TICKS and (not gaps or min(gaps) >= span / MAX_LABELLED_TICKS):
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([str(int(tick)) for tick in ticks])
+        else:  # too many or too close to label each: integer ticks only
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(param)
     ax.set_ylabel(metric)
