@@ -72,7 +72,7 @@ def trial_config(timestep: int, temperature: float, folder: Path) -> RunConfig:
         {
             "dataset": {"root": str(folder.parent / "no-data")},
             "backbone": {"timestep": timestep},
-            "propagation": {"temperature": temperature},
+            "method": {"temperature": temperature},
             "output_dir": str(folder),
         }
     )
@@ -134,11 +134,11 @@ def test_param_column_names() -> None:
             "backbone.name",
             "backbone.timestep",
             "resolved.timestep",
-            "propagation.top_k",
+            "method.top_k",
             "dataset.root",
             "model",
             "backbone.options.note",
-            "propagation.seed",
+            "method.seed",
             "backbone.seed",
             "rank",
         ]
@@ -146,11 +146,11 @@ def test_param_column_names() -> None:
     assert names == {
         "backbone.name": "backbone",
         "resolved.timestep": "timestep",
-        "propagation.top_k": "top_k",
+        "method.top_k": "top_k",
         "dataset.root": "dataset.root",
         "model": "model",
         "backbone.options.note": "options.note",
-        "propagation.seed": "propagation.seed",
+        "method.seed": "method.seed",
         "backbone.seed": "backbone.seed",
         "rank": "param.rank",
     }
@@ -314,7 +314,7 @@ def test_published_column_by_matching_params_or_by_tag(
     store: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     systems = {
-        "t20": published_system("t20", 80.0, {"backbone.timestep": 20, "propagation.temperature": 0.1}),
+        "t20": published_system("t20", 80.0, {"backbone.timestep": 20, "method.temperature": 0.1}),
         "t20-any": published_system("t20-any", 79.0, {"backbone.timestep": 20}),
         "tagged": published_system("tagged", 70.0, {"backbone.timestep": 999}),
     }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,6 @@ STUDIES = {
 }
 
 
-@dataclass(frozen=True)
-class OutcomeWithDiagnostics(SequenceOutcome):
-    """A sequence outcome with the per-sequence correspondence diagnostics the methods report."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
 @pytest.fixture(scope="module")
 def leaderboard_csv(
     tmp_path_factory: pytest.TempPathFactory, fresh_store: Callable[[str], tuple[str, str]]
@@ -57,7 +49,7 @@ def leaderboard_csv(
                 {
                     "dataset": {"root": str(folder.parent / "no-data")},
                     "backbone": {"name": "adm", "timestep": timestep, "layer": layer},
-                    "propagation": {"temperature": temperature, "topk": 5},
+                    "method": {"temperature": temperature, "topk": 5},
                     "output_dir": str(folder),
                 }
             )
@@ -68,7 +60,7 @@ def leaderboard_csv(
                 for i in range(3)
             ]
             outcomes = [
-                OutcomeWithDiagnostics(i, f"seq{i}", 3, [1], [scores[i]], {}, {"corr_precision": jf + 0.1})
+                SequenceOutcome(i, f"seq{i}", 3, [1], [scores[i]], {}, {"corr_precision": jf + 0.1})
                 for i in range(3)
             ]
             metrics = {

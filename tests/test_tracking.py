@@ -18,7 +18,6 @@ import socket
 import subprocess
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +119,7 @@ EXPECTED_JF = {"alpha": 0.5, "beta": 0.95}
 LONG_OPTION = "x" * 7000
 
 
-#: correspondence diagnostics as the method will report them per sequence (SequenceOutcome.metrics);
+#: correspondence diagnostics as the methods report them per sequence (SequenceOutcome.metrics);
 #: text and flags are not metrics and must be left out
 DIAGNOSTICS = {
     "alpha": {"corr_precision": 0.8, "corr_fg_to_bg": 0.1, "corr_bg_to_fg": 0.05, "note": "x", "flag": True},
@@ -128,18 +127,11 @@ DIAGNOSTICS = {
 }
 
 
-@dataclass(frozen=True)
-class OutcomeWithDiagnostics(SequenceOutcome):
-    """A sequence outcome carrying a per-sequence metrics dict, as the methods work will add."""
-
-    metrics: dict[str, object] = field(default_factory=dict)
-
-
 def make_config(root: Path, output: Path, **sections: dict[str, object]) -> RunConfig:
     settings: dict[str, object] = {
         "dataset": {"root": str(root), "sequences": list(SEQUENCES)},
         "backbone": {"timestep": 25, "device": "cpu", "options": {"note": LONG_OPTION}},
-        "propagation": {"temperature": 0.1, "topk": 5},
+        "method": {"temperature": 0.1, "topk": 5},
         "output_dir": str(output),
     }
     return RunConfig.from_dict(settings | sections)
@@ -152,7 +144,7 @@ def make_result(base: Path) -> RunResult:
     (output / "config.yaml").write_text("backbone:\n  name: random-conv\nresolved:\n  timestep: 25\n")
     outcomes = [
         # alpha: object 1 J = [1.0, 0.8, 0.6] -> mean 0.8, recall 1, decay mean(1.0, 0.8) - 0.6 = 0.3
-        OutcomeWithDiagnostics(
+        SequenceOutcome(
             0,
             "alpha",
             5,
@@ -164,7 +156,7 @@ def make_result(base: Path) -> RunResult:
             {"extraction": 1.0, "propagation": 1.5},
             DIAGNOSTICS["alpha"],
         ),
-        OutcomeWithDiagnostics(
+        SequenceOutcome(
             1,
             "beta",
             3,
@@ -194,7 +186,7 @@ def logged(tracking: TrackingConfig, tmp_path_factory: pytest.TempPathFactory) -
     result = make_result(tmp_path_factory.mktemp("result"))
     tracker = StudyTracker(tracking, "study-a")
     parent = tracker.ensure_parent_run("timestep sweep", {"n_trials": 3, "space": {"t": [0, 50]}})
-    trial = tracker.start_trial(parent, 0, {"propagation.temperature": 0.1, "model": "adm"}, result.config)
+    trial = tracker.start_trial(parent, 0, {"method.temperature": 0.1, "model": "adm"}, result.config)
     for outcome in result.sequences:
         trial.log_sequence(outcome)
     trial.log_result(result)
@@ -322,9 +314,9 @@ def test_params_hold_flattened_settings_and_resolved_values(
     logged: dict[str, object], client: MlflowClient
 ) -> None:
     params = client.get_run(logged["trial"].run_id).data.params
-    assert params["propagation.temperature"] == "0.1"
-    assert params["propagation.topk"] == "5"
-    assert params["propagation.similarity"] == "cosine"  # a default of the real RunConfig
+    assert params["method.temperature"] == "0.1"
+    assert params["method.topk"] == "5"
+    assert params["method.similarity"] == "cosine"  # a default of the real RunConfig
     assert params["backbone.name"] == "random-conv"
     assert params["backbone.timestep"] == "25"
     assert params["backbone.layer"] == "None"

@@ -6,11 +6,12 @@ Columns, in order: ``rank`` (1 = best J&F-Mean), ``study``, ``trial`` (empty for
 ``system`` / ``published`` / ``vs published`` (see below), per-sequence ``jf/<sequence>``, ``run_id`` and
 ``duration_s``.
 
-Param columns get short names: the section prefix of ``backbone.*``, ``propagation.*`` and ``resolved.*``
-settings is dropped (``propagation.top_k`` -> ``top_k``, ``backbone.name`` -> ``backbone``), and the
-resolved time step and layer (what the run really used) own the names ``timestep`` and ``layer``; the
-requested settings they resolve (``backbone.timestep``, ``backbone.layer``, often ``None`` = default) are
-left out, so each appears once. A short name two other params would share keeps the full dotted names.
+Param columns get short names: the section prefix of ``backbone.*``, ``method.*`` and ``resolved.*``
+settings is dropped (``method.topk`` -> ``topk``, ``backbone.name`` -> ``backbone``, ``method.name`` ->
+``method``), and the resolved time step and layer (what the run really used) own the names ``timestep``
+and ``layer``; the requested settings they resolve (``backbone.timestep``, ``backbone.layer``, often
+``None`` = default) are left out, so each appears once. A short name two other params would share keeps
+the full dotted names.
 Absolute paths inside the project folder are shown relative to it.
 
 Published systems (:data:`harness.published.PUBLISHED`): a run is matched to a system by its tag
@@ -66,7 +67,7 @@ DEFAULT_OUT_DIR = Path("results") / "leaderboards"
 #: published numbers are for the whole val split
 PUBLISHED_SPLIT = "val"
 SEQUENCE_PREFIX = "jf/"
-SHORTENED_SECTIONS = ("backbone", "propagation", "resolved")
+SHORTENED_SECTIONS = ("backbone", "method", "resolved")
 #: params shown in the Markdown table even when they do not vary
 KEY_PARAMS = ("backbone", "timestep", "layer")
 MARKDOWN_METRICS = ("J&F-Mean", "J-Mean", "F-Mean", JF_100)
@@ -123,7 +124,7 @@ def param_column_names(keys: Iterable[str]) -> dict[str, str]:
 
 
 def _shadowed_by(key: str, resolved: str) -> bool:
-    """``backbone.timestep`` is what ``resolved.timestep`` resolves; ``propagation.timestep`` would not be."""
+    """``backbone.timestep`` is what ``resolved.timestep`` resolves; ``method.timestep`` would not be."""
     return key == f"backbone.{resolved.removeprefix('resolved.')}"
 
 
