@@ -306,7 +306,7 @@ def test_study_axes_order_and_missing_values() -> None:
     assert study_axes(table) == ["layer", "zeta"]
 
 
-def published_system(name: str, jf: float, overrides: dict[str, object]) -> PublishedSystem:
+def published_system(name: str, jf: float | None, overrides: dict[str, object]) -> PublishedSystem:
     return PublishedSystem(name=name, description="", jf=jf, source="test", weights=(), overrides=overrides)
 
 
@@ -317,6 +317,8 @@ def test_published_column_by_matching_params_or_by_tag(
         "t20": published_system("t20", 80.0, {"backbone.timestep": 20, "method.temperature": 0.1}),
         "t20-any": published_system("t20-any", 79.0, {"backbone.timestep": 20}),
         "tagged": published_system("tagged", 70.0, {"backbone.timestep": 999}),
+        # a released setting with no published number: named, but nothing to compare with
+        "t30-unpublished": published_system("t30-unpublished", None, {"backbone.timestep": 30}),
     }
     monkeypatch.setattr(published, "PUBLISHED", systems)
     client: MlflowClient = store["client"]
@@ -331,7 +333,11 @@ def test_published_column_by_matching_params_or_by_tag(
     assert table.loc[("alpha", 1), "vs published"] == pytest.approx(81.2345678901234 - 80.0)
     assert table.loc[("beta", 0), "system"] == "tagged"
     assert table.loc[("beta", 0), "vs published"] == pytest.approx(70.0 - 70.0)
-    for unmatched in (("alpha", 0), ("alpha", 2), ("beta", 1)):
+    assert table.loc[("alpha", 2), "system"] == "t30-unpublished"
+    assert math.isnan(table.loc[("alpha", 2), "published"]) and math.isnan(
+        table.loc[("alpha", 2), "vs published"]
+    )
+    for unmatched in (("alpha", 0), ("beta", 1)):
         assert pd.isna(table.loc[unmatched, "system"]) and math.isnan(table.loc[unmatched, "published"])
     markdown = leaderboard_markdown(table.reset_index())
     assert "| system | published | vs published |" in markdown.splitlines()[0] + " |"

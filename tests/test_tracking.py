@@ -647,7 +647,10 @@ def test_published_setting_is_marked_when_the_study_matches(monkeypatch: pytest.
         weights=("adm",),
         overrides={"backbone.name": "adm", "backbone.timestep": 30, "backbone.layer": 6},
     )
-    monkeypatch.setattr(published, "PUBLISHED", {"paper-adm": system})
+    unnumbered = dataclasses.replace(
+        system, name="released-t60", jf=None, overrides={"backbone.timestep": 60}
+    )
+    monkeypatch.setattr(published, "PUBLISHED", {"paper-adm": system, "released-t60": unnumbered})
     study = optuna.create_study(direction="maximize")
     for timestep, value in ((0, 0.5), (30, 0.7), (60, 0.6)):
         study.enqueue_trial({"backbone.timestep": timestep})
@@ -663,9 +666,12 @@ def test_published_setting_is_marked_when_the_study_matches(monkeypatch: pytest.
         ]
 
     # the study's fixed settings hold layer 6 as text, as MLflow params do
-    assert marks({"backbone.name": "adm", "backbone.layer": "6"}) == [(30, "published: paper-adm (76.8 J&F)")]
-    assert marks({"backbone.name": "sd2.1"}) == []
-    assert marks({"backbone.name": "adm", "backbone.layer": 9}) == []
+    assert marks({"backbone.name": "adm", "backbone.layer": "6"}) == [
+        (30, "published: paper-adm (76.8 J&F)"),
+        (60, "published: released-t60"),  # a released setting without a published number
+    ]
+    assert marks({"backbone.name": "sd2.1"}) == [(60, "published: released-t60")]
+    assert marks({"backbone.name": "adm", "backbone.layer": 9}) == [(60, "published: released-t60")]
 
 
 def test_confounded_settings_get_a_marginal_plot_not_importance() -> None:

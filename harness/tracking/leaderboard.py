@@ -46,6 +46,7 @@ from harness.tracking.names import (
     TAG_STUDY,
     TAG_SYSTEM,
     TAG_TRIAL,
+    finite,
     parse_param,
 )
 from harness.tracking.runs import DEFAULT_EXPERIMENT, resolve_tracking_uri
@@ -279,8 +280,10 @@ def leaderboard_from_runs(
             rows[column].append(metrics.get(column, math.nan))
         system = published_system_of(params, tags, systems)
         rows["system"].append(system.name if system else None)
-        rows["published"].append(system.jf if system else math.nan)
-        rows["vs published"].append(jf_100 - system.jf if system else math.nan)
+        # a system may have no published number (e.g. a released setting the paper gives no row for)
+        published_jf = finite(system.jf) if system else None
+        rows["published"].append(math.nan if published_jf is None else published_jf)
+        rows["vs published"].append(math.nan if published_jf is None else jf_100 - published_jf)
         rows["run_id"].append(run.info.run_id)
         start, end = run.info.start_time, run.info.end_time
         rows["duration_s"].append((end - start) / 1000 if end and start else math.nan)

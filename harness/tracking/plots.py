@@ -301,7 +301,8 @@ def published_marks(param: str, fixed: Mapping[str, object] | None = None) -> li
             continue
         if any(key in fixed and not _same_setting(fixed[key], value) for key, value in overrides.items()):
             continue
-        marks.append((overrides[param], f"published: {name} ({system.jf:.1f} J&F)"))
+        number = f" ({system.jf:.1f} J&F)" if system.jf is not None else ""
+        marks.append((overrides[param], f"published: {name}{number}"))
     return marks
 
 
