@@ -630,7 +630,10 @@ def test_setting_plot_has_per_sequence_spread_and_integer_ticks() -> None:
     layer_ax = figures["jf_vs_layer.png"].axes[0]
     assert [label.get_text() for label in layer_ax.get_xticklabels()] == ["6", "up_ft2"]
     # values too many and too close to label each (t 0..100 by 10, plus 25 and 51): integer ticks only
-    dense = make_study([(t, "6", 0.5 + t / 1000) for t in [*range(0, 101, 10), 25]])
+    dense = optuna.create_study(direction="maximize")
+    for t in [*range(0, 101, 10), 25]:
+        dense.enqueue_trial({"backbone.timestep": t})
+        dense.tell(dense.ask({"backbone.timestep": IntDistribution(0, 100)}), 0.5 + t / 1000)
     dense_ax = plots.study_figures(dense)["jf_vs_timestep.png"].axes[0]
     ticks = dense_ax.get_xticks()
     assert len(ticks) < 12 and all(float(tick).is_integer() for tick in ticks)
