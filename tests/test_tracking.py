@@ -154,7 +154,7 @@ def make_result(base: Path) -> RunResult:
                 object_scores("alpha", 2, [0.4] * 3, [0.2] * 3),
             ],
             {"extraction": 1.0, "propagation": 1.5},
-            DIAGNOSTICS["alpha"],
+            dict(DIAGNOSTICS["alpha"]),
         ),
         SequenceOutcome(
             1,
@@ -163,7 +163,7 @@ def make_result(base: Path) -> RunResult:
             [1],
             [object_scores("beta", 1, [1.0], [0.9])],
             {"extraction": 0.25, "propagation": 0.5},
-            DIAGNOSTICS["beta"],
+            dict(DIAGNOSTICS["beta"]),
         ),
     ]
     return RunResult(
@@ -356,6 +356,25 @@ def test_per_frame_times_memory_and_diagnostics_are_metrics(
     assert metrics["corr_fg_to_bg"] == pytest.approx(0.1)
     assert metrics["corr_bg_to_fg"] == pytest.approx(0.05)
     assert "note" not in metrics and "flag" not in metrics
+
+
+def test_diagnostic_shares_are_averaged_even_when_the_run_sums_them(
+    tracking: TrackingConfig, client: MlflowClient, tmp_path: Path
+) -> None:
+    """The pipeline adds every per-sequence method metric up into the run's metrics: right for counts
+    (the oracle's unfiltered queries), wrong for the correspondence shares."""
+    result = make_result(tmp_path)
+    summed = {"corr_precision": 0.8 + 0.6, "filter_queries": 10.0}
+    for outcome, queries in zip(result.sequences, (4.0, 6.0), strict=True):
+        outcome.metrics["filter_queries"] = queries
+    result = dataclasses.replace(result, metrics=METRICS | summed)
+    tracker = StudyTracker(tracking, "summed-diagnostics")
+    trial = tracker.start_trial(tracker.ensure_parent_run(), 0, {}, result.config)
+    trial.log_result(result)
+    trial.end()
+    metrics = client.get_run(trial.run_id).data.metrics
+    assert metrics["corr_precision"] == pytest.approx(0.7)
+    assert metrics["filter_queries"] == 10.0
 
 
 def test_device_tag_names_the_kind_and_the_model(logged: dict[str, object], client: MlflowClient) -> None:

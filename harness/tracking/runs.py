@@ -7,9 +7,10 @@ Metrics of a trial run (DAVIS names mapped by :data:`~harness.tracking.names.MET
 ``J_mean``, ...; ``jf/<sequence>``; ``time_<stage>_s`` and ``time_<stage>_per_frame_ms`` for every
 pipeline timing (extraction, propagation, evaluation, total, ...); ``cache_<counter>`` for the feature
 cache's counters; ``peak_gpu_memory_mb`` (runs on CUDA; peak since the run started) and ``peak_rss_mb`` (the
-worker process's peak so far); the correspondence diagnostics (``corr_precision``, ...) when the method
-reports them. Per-sequence scores are a table artifact (``per_sequence.json``, shown by the UI's
-artifact view; also ``per_sequence.csv``), not a stepped metric.
+worker process's peak so far); the correspondence diagnostics (``corr_precision``, ...: shares, logged as
+the mean over the sequences) and the method's other per-sequence metrics (as the run reports them, else
+their mean) when the method reports them. Per-sequence scores are a table artifact
+(``per_sequence.json``, shown by the UI's artifact view; also ``per_sequence.csv``), not a stepped metric.
 
 Tags: ``diffvos.study``, ``diffvos.role`` (``parent``, ``trial`` or ``run``), ``diffvos.trial``,
 ``diffvos.git_commit``, ``diffvos.version.<package>``, ``diffvos.device`` (``cuda:0 (GPU name)`` or
@@ -59,6 +60,7 @@ from harness.tracking.environment import (
     uses_cuda,
 )
 from harness.tracking.names import (
+    DIAGNOSTIC_METRICS,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     MAX_PARAM_VALUE_LENGTH,
@@ -321,7 +323,11 @@ class TrialRun:
             if number is not None:
                 metrics[METRIC_NAMES.get(name, mlflow_key(name))] = number
         for name, value in mean_sequence_metrics(result.sequences).items():
-            metrics.setdefault(mlflow_key(name), value)  # a run-level value of the method wins
+            if name in DIAGNOSTIC_METRICS:
+                # shares: the mean over the sequences (the pipeline's run-level value is their sum)
+                metrics[mlflow_key(name)] = value
+            else:  # counts and the like: the run-level value (the sum) when the run reports one
+                metrics.setdefault(mlflow_key(name), value)
         for outcome in result.sequences:
             jf = finite(outcome.jf)
             if jf is not None and outcome.name not in self._logged_sequences:
