@@ -33,7 +33,6 @@ from harness.bench.common import (
     cuda_peak_bytes,
     format_bytes,
     format_table,
-    memory_available_bytes,
     peak_rss_increase,
     run_in_fresh_process,
     time_calls,
@@ -49,6 +48,7 @@ from harness.methods.labelprop import (
 )
 from harness.methods.labelprop.diagnostics import CorrespondenceStats, truth_channels
 from harness.methods.labelprop.screening import screening_available
+from harness.tracking.environment import memory_available_bytes
 
 #: the outputs of the two implementations must agree to this before anything is timed (see check_agreement)
 AGREEMENT_TOLERANCE = 1e-5
