@@ -158,18 +158,42 @@ def test_too_little_disk_for_the_feature_cache(tmp_path: Path, synth_root: Path)
     study_file = write_study(tmp_path, data)
     spec = parse_study_spec(data)
     report = preflight(spec, 3, free_disk=lambda folder: 10**12)
-    assert report.problems == [] and report.feature_sets == 3 and report.cache_bytes > 0
+    assert (
+        report.problems == [] and report.notes == [] and report.feature_sets == 3 and report.cache_bytes > 0
+    )
     assert "frames per trial" in report.format() and "feature cache" in report.format()
+    one_trial = max(
+        preflight(replace_layer(data, layer), 1, free_disk=lambda f: 10**12).cache_bytes
+        for layer in (0, 1, 2)
+    )
 
-    with pytest.raises(ConfigError, match="feature cache needs about .* free") as caught:
-        sweep(study_file, tmp_path, free_disk=lambda folder: report.cache_bytes // 2)
+    # the whole study does not fit under the default cap (half the free disk), one trial does: a note
+    free = 2 * one_trial + 1
+    assert report.cache_bytes > free // 2  # the three layers together are more than the cap
+    roomy = preflight(spec, 3, free_disk=lambda folder: free)
+    assert roomy.problems == [] and "evicted" in roomy.notes[0]
+
+    # not even one trial's features fit: the sweep stops before the study exists
+    with pytest.raises(ConfigError, match="one trial's features take about") as caught:
+        sweep(study_file, tmp_path, free_disk=lambda folder: one_trial)
     assert "cache.fp16" in str(caught.value)
     assert not (tmp_path / "storage").exists()
     # the same through the environment hook the command line uses
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIFFVOS_FREE_DISK_BYTES", "1000")
-        with pytest.raises(ConfigError, match="free"):
+        with pytest.raises(ConfigError, match="1000 bytes free there|0.0 MB free there"):
             sweep(study_file, tmp_path)
+
+    # an explicit cap above the free disk, with an estimate that does not fit: refused
+    capped = dict(data, fixed=data["fixed"] | {"cache.max_gb": 1000})
+    tight = preflight(parse_study_spec(capped), 3, free_disk=lambda folder: report.cache_bytes - 1)
+    assert [p.kind for p in tight.problems] == ["disk"] and "cache.max_gb" in tight.problems[0].message
+
+
+def replace_layer(data: dict[str, Any], layer: int) -> Any:
+    one = dict(data, search_space={"method.topk": {"type": "categorical", "choices": [1]}})
+    one["fixed"] = data["fixed"] | {"backbone.layer": layer}
+    return parse_study_spec(one)
 
 
 def test_cache_estimate_counts_layer_channels_and_grid(tmp_path: Path, synth_root: Path) -> None:

@@ -49,6 +49,7 @@ class PreflightReport:
     cache_bytes: int = 0
     cache_dir: Path | None = None
     free_bytes: int | None = None
+    cap_bytes: int | None = None
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -62,6 +63,7 @@ class PreflightReport:
             lines.append(
                 f"  feature cache: about {_gb(self.cache_bytes)} for {self.feature_sets} distinct feature "
                 f"set(s) (each extracted once) in {self.cache_dir}, {free} free"
+                + (f", cap {_gb(self.cap_bytes)}" if self.cap_bytes is not None else "")
             )
         lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  PROBLEM ({p.kind}): {p.message}" for p in self.problems]
@@ -260,25 +262,52 @@ def _check_disk(
     report.cache_bytes = sum(heapq.nlargest(count, set_sizes)) if not unbounded else count * max(set_sizes)
     report.cache_dir = folder
     report.free_bytes = free_disk(folder)
+    _check_space(report, folder, cache, defaults, set_sizes)
+
+
+def _check_space(
+    report: PreflightReport, folder: Path, cache: Any, defaults: Any, set_sizes: list[int]
+) -> None:
+    """Stop when one trial's features cannot fit; note when the whole estimate exceeds the cache cap."""
+    from harness.features.cache import DEFAULT_CAP_FRACTION
+
+    assert report.free_bytes is not None
+    free = report.free_bytes
     cap_gb = cache.get("cache.max_gb", defaults.cache.max_gb)
-    needed = report.cache_bytes
     if cap_gb:
-        cap = int(float(cap_gb) * 1024**3)
-        if needed > cap:
-            report.notes.append(
-                f"the estimate exceeds cache.max_gb ({cap_gb} GB): older features will be evicted and "
-                "recomputed when a later trial needs them"
-            )
-        needed = min(needed, cap)
-    if report.free_bytes is not None and needed > report.free_bytes:
+        cap, cap_name = int(float(cap_gb) * 1024**3), f"cache.max_gb ({cap_gb} GB)"
+    else:  # the feature cache's own default (harness.features.cache.default_max_bytes)
+        cap, cap_name = (
+            int(DEFAULT_CAP_FRACTION * free),
+            f"the default cache cap ({_gb(int(DEFAULT_CAP_FRACTION * free))})",
+        )
+    report.cap_bytes = cap
+    largest = max(set_sizes)
+    fixes = (
+        "free space, point cache.dir (or $DIFFVOS_CACHE_DIR) at a larger disk, set cache.fp16: true "
+        "(half the size), or turn the cache off with cache.enabled: false"
+    )
+    if largest > min(cap, free):
         report.problems.append(
             Problem(
                 "disk",
-                f"the feature cache needs about {_gb(needed)} in {folder} but only {_gb(report.free_bytes)} "
-                "is free; free space, point cache.dir (or $DIFFVOS_CACHE_DIR) at a larger disk, set "
-                "cache.fp16: true (half the size), cap it with cache.max_gb, or turn it off with "
-                "cache.enabled: false",
+                f"one trial's features take about {_gb(largest)} in {folder}, more than "
+                f"{cap_name if cap <= free else 'the free disk'} ({_gb(free)} free there); {fixes}",
             )
+        )
+    elif min(report.cache_bytes, cap) > free:
+        report.problems.append(
+            Problem(
+                "disk",
+                f"the feature cache needs about {_gb(min(report.cache_bytes, cap))} in {folder} (the "
+                f"estimate, at most {cap_name}) but only {_gb(free)} is free; lower cache.max_gb or {fixes}",
+            )
+        )
+    elif report.cache_bytes > cap:
+        report.notes.append(
+            f"the cache estimate exceeds {cap_name}: older features are evicted and recomputed if a later "
+            "trial needs them again (no loss for trials that never share features, e.g. one time step each); "
+            "cache.fp16: true halves the size"
         )
 
 
