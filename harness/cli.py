@@ -109,22 +109,14 @@ def _write_run_overlays(result: Any, count: int) -> None:
         print(f"overlay: {path}")
 
 
-def _weights_here(name: str, info: dict[str, Any]) -> str:
+def _weights_here(name: str) -> str:
     """Whether this machine has the backbone's weights where it looks for them (no download, no load)."""
-    from backbones.sd import KNOWN_MODELS, cached_commit
+    from backbones.status import weights_status
 
-    if name in KNOWN_MODELS:
-        spec = KNOWN_MODELS[name]
-        found = cached_commit(spec.repo_id, spec.revision)
-        return "yes (HF cache)" if found else f"no ({spec.repo_id} not in the HF cache)"
-    weights = str(info.get("weights") or "")
-    if not weights or weights.startswith("none"):
-        return "none needed"
-    # file-based backbones describe their weights as "<path>" or "<path> (downloaded from URL if missing)"
-    path = Path(weights.split(" (", 1)[0])
-    if path.is_absolute():
-        return "yes" if path.exists() else f"no ({path})"
-    return "depends on options (see --layers " + name + ")"
+    status = weights_status(name)
+    if status.location.startswith(("none", "not checked")):
+        return status.location
+    return f"yes ({status.location})" if status.present else f"no ({status.location})"
 
 
 def cmd_backbones_list(args: argparse.Namespace) -> int:
@@ -143,7 +135,7 @@ def cmd_backbones_list(args: argparse.Namespace) -> int:
     for name in available_backbones():
         info = describe_backbone(name)
         rows.append(
-            (name, str(info["default_timestep"]), str(info["default_layer"]), _weights_here(name, info))
+            (name, str(info["default_timestep"]), str(info["default_layer"]), _weights_here(name))
         )
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     for row in rows:
