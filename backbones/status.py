@@ -68,7 +68,12 @@ def _sd_status(name: str, weights: str | None, options: Mapping[str, object]) ->
     else:
         repo, revision = str(options.get("model") or ""), None
         if not repo:
-            return WeightsStatus(name, False, "backbone.options.model not given", "give backbone.options.model or backbone.weights")
+            return WeightsStatus(
+                name,
+                False,
+                "backbone.options.model not given",
+                "give backbone.options.model or backbone.weights",
+            )
         if _looks_local(repo):
             return _folder_status(name, Path(repo).expanduser())
     revision = str(options.get("revision") or revision or "") or None
