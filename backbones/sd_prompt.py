@@ -32,7 +32,7 @@ features extracted with a vector are cached apart from plain ones.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -398,13 +398,41 @@ class PromptedStableDiffusion(Backbone):
         )
 
 
+#: the key of a feature-extraction condition that holds a learned vector (see :func:`condition_backbone`)
+CONDITION_VECTOR = "prompt_vector"
+CONDITION_PROMPT = "prompt"
+
+
+def condition_backbone(backbone: Backbone, condition: Mapping[str, Any] | None) -> Backbone:
+    """The backbone that extracts features under ``condition``: ``{"prompt_vector": (D,) tensor}`` (and
+    optionally ``"prompt"``, default ``"*"``) gives a :class:`PromptedStableDiffusion`; no condition gives
+    ``backbone`` itself. Unknown keys and non-SD backbones are ConfigErrors."""
+    if not condition:
+        return backbone
+    unknown = sorted(set(condition) - {CONDITION_VECTOR, CONDITION_PROMPT})
+    if unknown or CONDITION_VECTOR not in condition:
+        raise ConfigError(
+            f"feature condition keys must be {CONDITION_VECTOR!r} (and optionally {CONDITION_PROMPT!r}), "
+            f"got {sorted(condition)}"
+        )
+    vector = condition[CONDITION_VECTOR]
+    if not isinstance(vector, torch.Tensor):
+        raise ConfigError(f"{CONDITION_VECTOR!r} must be a tensor, got {type(vector).__name__}")
+    if not isinstance(backbone, StableDiffusionBackbone):
+        raise ConfigError(f"a learned prompt needs a Stable Diffusion backbone, got {backbone.name!r}")
+    return PromptedStableDiffusion(backbone, vector, str(condition.get(CONDITION_PROMPT, "*")))
+
+
 __all__ = [
+    "CONDITION_PROMPT",
+    "CONDITION_VECTOR",
     "PROMPT_LEARNING_VERSION",
     "TOKEN_POSITION",
     "LearnedPrompt",
     "PromptLearningSettings",
     "PromptedStableDiffusion",
     "attention_on_token",
+    "condition_backbone",
     "conditioning_with_vector",
     "cross_attention_map",
     "learn_prompt_vector",

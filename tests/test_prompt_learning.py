@@ -318,3 +318,17 @@ def test_bad_inputs_are_config_errors(tiny, scene) -> None:
         )
     with pytest.raises(ConfigError, match="shape"):
         sp.conditioning_with_vector(sp.prompt_embedding(tiny), torch.zeros(5))
+
+
+def test_condition_backbone(tiny, learned) -> None:
+    assert sp.condition_backbone(tiny, None) is tiny and sp.condition_backbone(tiny, {}) is tiny
+    conditioned = sp.condition_backbone(tiny, {"prompt_vector": learned[1].vector})
+    assert isinstance(conditioned, sp.PromptedStableDiffusion)
+    assert conditioned.identity() == sp.PromptedStableDiffusion(tiny, learned[1].vector).identity()
+    assert conditioned.layers() == tiny.layers() and conditioned.default_layer == tiny.default_layer
+    with pytest.raises(ConfigError, match="condition keys"):
+        sp.condition_backbone(tiny, {"vector": learned[1].vector})
+    with pytest.raises(ConfigError, match="Stable Diffusion"):
+        sp.condition_backbone(
+            load_backbone("random-conv", device="cpu"), {"prompt_vector": learned[1].vector}
+        )
