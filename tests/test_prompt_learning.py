@@ -332,3 +332,17 @@ def test_condition_backbone(tiny, learned) -> None:
         sp.condition_backbone(
             load_backbone("random-conv", device="cpu"), {"prompt_vector": learned[1].vector}
         )
+
+
+def test_prompt_artifacts(tmp_path: Path) -> None:
+    prompts = [
+        prompt_cache.ObjectPrompt(1, 4, sp.LearnedPrompt(torch.arange(3.0), (0.7, 0.6)), cached=False),
+        prompt_cache.ObjectPrompt(2, 9, sp.LearnedPrompt(-torch.arange(3.0), (0.5,)), cached=True),
+    ]
+    written = prompt_cache.write_prompt_artifacts(prompts, tmp_path / "s")
+    assert [path.name for path in written] == ["4.safetensors", "9.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(written[1]), framework="pt") as handle:
+        assert torch.equal(handle.get_tensor("vector"), -torch.arange(3.0))
+        assert json.loads(handle.metadata()["losses"]) == [0.5]

@@ -63,9 +63,9 @@ class PromptKey:
         return hashlib.sha256(self.canonical_json().encode("utf-8")).hexdigest()
 
 
-def mask_identity(target: torch.Tensor) -> str:
-    """sha256 of a target mask's shape and float32 bytes."""
-    values = target.detach().to("cpu", torch.float32).contiguous()
+def tensor_identity(frame: torch.Tensor) -> str:
+    """sha256 of a network input's shape and float32 bytes: frame-0 content as the backbone sees it."""
+    values = frame.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(str(tuple(values.shape)).encode())
     digest.update(memoryview(values.reshape(-1).view(torch.uint8).numpy()))
     return digest.hexdigest()
@@ -162,16 +162,20 @@ def learn_sequence_prompts(
     *,
     sequence: str,
     first_frame: torch.Tensor,
-    first_frame_id: str,
     first_labels: np.ndarray,
     object_ids: list[int],
     settings: PromptLearningSettings,
     seed: int,
     cache: PromptCache | None,
+    first_frame_id: str | None = None,
     on_learned: Callable[[ObjectPrompt], None] | None = None,
 ) -> list[ObjectPrompt]:
     """One vector per object (channels 1..K of ``first_labels``, dataset ids ``object_ids``), each
-    learned on frame 0 (``first_frame``: (1, 3, H, W) in [-1, 1]) or read from ``cache``."""
+    learned on frame 0 (``first_frame``: (1, 3, H, W) in [-1, 1]) or read from ``cache``.
+
+    ``first_frame_id`` identifies frame 0's content in the cache key (default: the hash of
+    ``first_frame`` itself, which also covers the resize to the input size).
+    """
     if not isinstance(backbone, StableDiffusionBackbone):
         raise ConfigError(f"prompt learning needs a Stable Diffusion backbone, got {backbone.name!r}")
     input_size = (int(first_frame.shape[-2]), int(first_frame.shape[-1]))
@@ -185,8 +189,8 @@ def learn_sequence_prompts(
             backbone=backbone.identity(),
             sequence=sequence,
             object_id=int(object_id),
-            frame=first_frame_id,
-            mask=mask_identity(target),
+            frame=first_frame_id if first_frame_id is not None else tensor_identity(first_frame),
+            mask=tensor_identity(target),
             input_size=input_size,
             seed=seed,
             settings=settings_json,
@@ -205,12 +209,26 @@ def learn_sequence_prompts(
     return prompts
 
 
+def write_prompt_artifacts(prompts: list[ObjectPrompt], folder: Path) -> list[Path]:
+    """One ``<object id>.safetensors`` per object (the vector, its losses as metadata) for run artifacts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prompt in prompts:
+        path = folder / f"{prompt.object_id}.safetensors"
+        metadata = {"object_id": str(prompt.object_id), "losses": json.dumps(list(prompt.learned.losses))}
+        tensor = prompt.learned.vector.detach().to("cpu", torch.float32).contiguous()
+        _write_atomically(path, serialize_tensors({TENSOR_NAME: tensor}, metadata=metadata))
+        written.append(path)
+    return written
+
+
 __all__ = [
     "ObjectPrompt",
     "PromptCache",
     "PromptCacheStats",
     "PromptKey",
     "learn_sequence_prompts",
-    "mask_identity",
     "object_targets",
+    "tensor_identity",
+    "write_prompt_artifacts",
 ]
