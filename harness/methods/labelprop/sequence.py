@@ -18,13 +18,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from harness.errors import ConfigError, DataError
-from harness.propagation.affinity import (
+from harness.methods.labelprop.affinity import (
     PropagationWorkspace,
     check_propagation_params,
     propagate_prepared,
     unit_query,
     uses_screening,
 )
+from harness.methods.labelprop.filters import CorrespondenceFilter, FilterContext, get_filter
 
 #: Written masks are uint8 channel indices.
 MAX_CLASSES = 256
@@ -41,12 +42,16 @@ class PropagationSettings:
     topk: int = 15
     radius: int = 15
     n_last_frames: int = 28
+    #: a registered correspondence filter (harness.methods.labelprop.filters), None = no filter
+    filter: str | None = None
 
     def __post_init__(self) -> None:
         check_propagation_params(self.similarity, self.temperature, self.topk, self.radius)
         frames = self.n_last_frames
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
             raise ConfigError(f"n_last_frames must be an integer >= 0 (0 = first frame only), got {frames!r}")
+        if self.filter is not None:
+            get_filter(self.filter)  # unknown names fail when the config is read
 
 
 def _check_size(name: str, size: tuple[int, int]) -> tuple[int, int]:
@@ -186,6 +191,7 @@ def propagate_sequence(
     num_frames: int | None = None,
     screen: bool | None = None,
     workspace: PropagationWorkspace | None = None,
+    ground_truth: Callable[[int], np.ndarray] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (t, labels) for t = 1 .. T-1: the propagated (H0, W0) uint8 channel-index map of frame t.
 
@@ -195,7 +201,9 @@ def propagate_sequence(
     ``num_classes`` = K+1. ``input_size`` is the (H, W) the network saw, ``output_size`` = (H0, W0).
     Everything runs on the device of frame 0's features; the memory lives in preallocated buffers there.
     ``screen`` is propagate_prepared's (None: bfloat16 screening where it pays); a ``workspace`` passed in
-    is the one the frames use, so its screening statistics can be read afterwards.
+    is the one the frames use, so its screening and filter statistics can be read afterwards.
+    ``settings.filter`` names a correspondence filter; ``ground_truth(t)`` ((H0, W0) channel indices of
+    frame t) feeds it, and is required by filters that need ground truth.
     """
     if not isinstance(settings, PropagationSettings):
         raise ConfigError(f"settings must be a PropagationSettings, got {type(settings).__name__}")
@@ -210,9 +218,32 @@ def propagate_sequence(
     if read.num_frames < 1:
         raise DataError("the sequence has no frame")
     workspace = workspace if workspace is not None else PropagationWorkspace()
+    correspondence_filter = None if settings.filter is None else get_filter(settings.filter)
+    needs_truth = correspondence_filter is not None and correspondence_filter.needs_ground_truth
+    if needs_truth and ground_truth is None:
+        raise DataError(
+            f"correspondence filter {settings.filter!r} needs the ground truth of every frame, and this "
+            "split has none (test-dev / MOSE-style splits give first-frame masks only)"
+        )
+    truth = ground_truth if needs_truth else None
     return _propagate(
-        read, first_labels, int(num_classes), settings, input_size, output_size, progress, screen, workspace
+        read,
+        first_labels,
+        int(num_classes),
+        settings,
+        _Output(input_size, output_size, progress),
+        screen,
+        workspace,
+        correspondence_filter,
+        truth,
     )
+
+
+@dataclass(frozen=True)
+class _Output:
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    progress: bool
 
 
 def _propagate(
@@ -220,11 +251,11 @@ def _propagate(
     first_labels: np.ndarray,
     num_classes: int,
     settings: PropagationSettings,
-    input_size: tuple[int, int],
-    output_size: tuple[int, int],
-    progress: bool,
+    output: _Output,
     screen: bool | None,
     workspace: PropagationWorkspace,
+    correspondence_filter: CorrespondenceFilter | None,
+    ground_truth: Callable[[int], np.ndarray] | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """The generator behind propagate_sequence (split off so argument errors raise at call time)."""
     first = unit_query(read(0))
@@ -246,10 +277,27 @@ def _propagate(
         memory_bf16[:, :, 0] = first
     filled = 1
     del first
+    # which frame each slot holds, and (for filters that need it) its ground truth on the feature grid
+    slot_frames = [0] * slots
+    memory_truth = None
+    if ground_truth is not None:
+        memory_truth = torch.empty((height, width, slots), dtype=torch.int64, device=device)
+        memory_truth[:, :, 0] = _truth_on_grid(first_labels, (height, width), device)
 
     frames = range(1, read.num_frames)
-    for t in tqdm(frames, desc="propagating", unit="frame", disable=not progress, leave=False):
+    for t in tqdm(frames, desc="propagating", unit="frame", disable=not output.progress, leave=False):
         query = unit_query(read(t))
+        filter_context = None
+        query_truth = None
+        if correspondence_filter is not None:
+            if ground_truth is not None and memory_truth is not None:
+                query_truth = _truth_on_grid(ground_truth(t), (height, width), device)
+            filter_context = FilterContext(
+                frame=t,
+                memory_frames=tuple(slot_frames[:filled]),
+                query_truth=query_truth,
+                memory_truth=None if memory_truth is None else memory_truth[:, :, :filled],
+            )
         soft = propagate_prepared(
             query,
             memory_feats[:, :, :filled],
@@ -261,6 +309,8 @@ def _propagate(
             screen=screen,
             memory_bf16=None if memory_bf16 is None else memory_bf16[:, :, :filled],
             workspace=workspace,
+            correspondence_filter=correspondence_filter,
+            filter_context=filter_context,
         )
         if n_previous > 0 and t < read.num_frames - 1:
             # FIFO over slots 1..n_previous: frame t replaces frame t - n_previous (slot order is irrelevant,
@@ -270,5 +320,14 @@ def _propagate(
             if memory_bf16 is not None:
                 memory_bf16[:, :, slot] = query
             memory_masks[:, :, slot] = soft
+            slot_frames[slot] = t
+            if memory_truth is not None and query_truth is not None:
+                memory_truth[:, :, slot] = query_truth
             filled = min(filled + 1, slots)
-        yield t, soft_to_labels(soft.permute(2, 0, 1), input_size, output_size)
+        yield t, soft_to_labels(soft.permute(2, 0, 1), output.input_size, output.output_size)
+
+
+def _truth_on_grid(labels: np.ndarray, grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H0, W0) channel indices -> (h, w) int64 on the feature grid (nearest, as the first-frame mask)."""
+    small = resize_labels_nearest(np.asarray(labels).astype(np.uint8), grid_size)
+    return torch.from_numpy(small.astype(np.int64)).to(device)
