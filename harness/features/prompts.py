@@ -32,7 +32,7 @@ from backbones.sd_prompt import (
 )
 from harness.errors import ConfigError
 from harness.features.cache import _write_atomically
-from harness.propagation.memory import labels_to_onehot
+from harness.methods.labelprop.sequence import labels_to_onehot
 
 ENTRY_FORMAT = "diffvos-prompt/1"
 TENSOR_NAME = "vector"
