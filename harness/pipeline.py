@@ -23,7 +23,7 @@ from backbones import Backbone, LayerKey, load_backbone
 from harness.config import RunConfig
 from harness.data import Dataset, Sequence, open_dataset, write_mask
 from harness.data.masks import VOID_ID
-from harness.errors import ConfigError, HarnessError
+from harness.errors import HarnessError
 from harness.evaluation import EvaluationResult, ObjectScores, evaluate_sequence, write_results
 from harness.features import (
     CacheStats,
@@ -34,6 +34,7 @@ from harness.features import (
 )
 from harness.frames import load_network_inputs, network_input_size
 from harness.methods import SequenceContext, get_method
+from harness.methods.base import METHOD_ARTIFACTS
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ def predict_sequence(
     cache: FeatureCache | None,
     layout: str = "davis",
     metrics: dict[str, float] | None = None,
+    artifact_dir: Path | None = None,
 ) -> dict[str, float]:
     """Write the predicted masks of one sequence into ``out_dir`` with the configured method; returns
     timings in seconds. The method's diagnostics are added to ``metrics`` when a dict is passed."""
@@ -170,14 +172,19 @@ def predict_sequence(
         condition: dict | None = None,
         prefetch: list[int | str] | None = None,
     ) -> Callable[[int], torch.Tensor]:
-        """Features of every frame through the cache, as a frame -> (C, h, w) reader on the run's device."""
-        if condition is not None:
-            raise ConfigError(
-                "conditioned feature extraction (condition=...) is not supported by the feature cache yet"
-            )
+        """Features of every frame through the cache, as a frame -> (C, h, w) reader on the run's device.
+
+        ``condition`` (e.g. ``{"prompt_vector": v}``, see backbones.sd_prompt.condition_backbone) extracts
+        with a conditioned backbone whose identity, hence every cache key, includes the condition.
+        """
+        source = backbone
+        if condition:
+            from backbones.sd_prompt import condition_backbone  # imports diffusers: only when conditioned
+
+            source = condition_backbone(backbone, condition)
         resolved = backbone.resolve_layer(layer)
         stacked = extract_sequence_features(
-            backbone,
+            source,
             sequence=sequence.name,
             frame_ids=frame_ids,
             load_frames=load_frames,
@@ -225,6 +232,8 @@ def predict_sequence(
         extract_features=extract,
         backbone=backbone,
         load_frames=load_frames,
+        cache_root=cache.root if cache is not None else None,
+        artifact_dir=artifact_dir / sequence.name if artifact_dir is not None else None,
     )
     written = 0
     for index, labels in method.segment_sequence(ctx, config.method.settings):
@@ -289,6 +298,7 @@ def run(
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".predictions-", dir=output_dir))
+    shutil.rmtree(output_dir / METHOD_ARTIFACTS, ignore_errors=True)  # a previous run's, never mixed in
     evaluate = config.evaluate and all(seq.fully_annotated for seq in dataset.sequences)
     outcomes: list[SequenceOutcome] = []
     timings = {"setup": loaded - started, "extraction": 0.0, "propagation": 0.0, "evaluation": 0.0}
@@ -306,6 +316,7 @@ def run(
                 cache=cache,
                 layout=dataset.layout,
                 metrics=method_metrics,
+                artifact_dir=output_dir / METHOD_ARTIFACTS,
             )
             scores = None
             if evaluate:
