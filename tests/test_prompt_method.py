@@ -58,7 +58,7 @@ def config_for(root: Path, out: Path, **overrides: object) -> RunConfig:
         "dataset.sequences": [SEQUENCE],
         "backbone.name": "sd-tiny",
         "backbone.timestep": 100,
-        "input.short_side": 32,
+        "input.short_side": 64,
         "method.name": "prompt-probe-test",
         "method.prompt": {"learn": True, "steps": 3, "ensemble_size": 1},
         "cache.dir": str(out / "cache"),
