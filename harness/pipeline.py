@@ -73,6 +73,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
+    #: the method's per-sequence diagnostics summed over the sequences (also in ``metrics`` when scored)
+    method_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_sequence_jf(self) -> dict[str, float]:
@@ -351,6 +353,12 @@ def run(
         evaluation = EvaluationResult.from_objects([s for o in outcomes for s in (o.scores or [])])
         write_results(evaluation, output_dir, dataset.split)
         metrics = dict(evaluation.global_metrics)
+    method_metrics: dict[str, float] = {}
+    for outcome in outcomes:
+        for name, value in outcome.metrics.items():
+            method_metrics[name] = method_metrics.get(name, 0.0) + float(value)
+    if metrics is not None:
+        metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     submission = None if evaluate else _write_submission_zip(predictions, output_dir, dataset)
     resolved = config.to_dict() | {
         "resolved": {"timestep": timestep, "layer": layer, "backbone": backbone.identity()}
@@ -369,4 +377,5 @@ def run(
         timings=timings,
         cache_stats=cache.stats if cache is not None else None,
         submission_zip=submission,
+        method_metrics=method_metrics,
     )

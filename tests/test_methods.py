@@ -25,21 +25,6 @@ from harness.methods.labelprop.filters import FilterContext, available_filters, 
 from harness.methods.labelprop.reference import propagate_dense
 
 
-@register_filter("test-same-label")
-class SameLabelFilter:
-    """Keeps pairs whose ground-truth labels agree (what a multi-class oracle would do)."""
-
-    needs_ground_truth = True
-
-    def keep(self, context: FilterContext, block: QueryBlock) -> torch.Tensor:
-        assert context.query_truth is not None and context.memory_truth is not None
-        (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
-        (kr0, kr1), (kc0, kc1) = block.key_rows, block.key_cols
-        query = context.query_truth[qr0:qr1, qc0:qc1].reshape(1, 1, 1, -1)
-        keys = context.memory_truth[kr0:kr1, kc0:kc1].unsqueeze(-1)
-        return keys == query
-
-
 def _whole_grid_keep(name: str, context: FilterContext, height: int, width: int) -> torch.Tensor:
     """The filter's keep-mask over the whole grid in the reference's (N*h*w keys, h*w queries) order."""
     block = QueryBlock((0, height), (0, width), (0, height), (0, width), windowed=False)
@@ -71,8 +56,9 @@ def test_method_registry_knows_labelprop_and_names_unknown_ones() -> None:
 
 
 def test_filter_registry_and_unknown_filter() -> None:
-    assert {"first-frame", "test-same-label"} <= set(available_filters())
+    assert {"first-frame", "oracle"} <= set(available_filters())
     assert get_filter("first-frame").needs_ground_truth is False
+    assert get_filter("oracle").needs_ground_truth is True
     with pytest.raises(ConfigError, match="unknown correspondence filter 'nope'"):
         get_filter("nope")
     with pytest.raises(ConfigError, match="unknown correspondence filter"):
@@ -85,7 +71,7 @@ def test_filter_registry_and_unknown_filter() -> None:
 @pytest.mark.parametrize("screen", [False, True])
 @pytest.mark.parametrize("similarity", ["cosine", "l2"])
 @pytest.mark.parametrize("radius", [0, 2, 4])
-@pytest.mark.parametrize("name", ["first-frame", "test-same-label"])
+@pytest.mark.parametrize("name", ["first-frame", "oracle"])
 def test_filter_on_both_kernel_paths_equals_the_dense_reference(
     name: str, radius: int, similarity: str, screen: bool
 ) -> None:
@@ -115,7 +101,7 @@ def test_filter_on_both_kernel_paths_equals_the_dense_reference(
         )
         assert (got - expected).abs().max().item() < 1e-5, topk
         assert (got - unfiltered).abs().max().item() > 1e-3  # the filter changed something
-        if name == "test-same-label":  # queries labelled 3 have no agreeing key: they keep their window
+        if name == "oracle":  # queries labelled 3 have no agreeing key: they keep their window
             assert workspace.filtering.unfiltered_queries == int((query_truth == 3).sum())
         else:
             assert workspace.filtering.unfiltered_queries == 0
@@ -138,7 +124,7 @@ def test_a_query_without_kept_keys_keeps_its_unfiltered_window() -> None:
             radius=2,
             screen=screen,
             workspace=workspace,
-            correspondence_filter=get_filter("test-same-label"),
+            correspondence_filter=get_filter("oracle"),
             filter_context=context,
         )
         plain = propagate_frame(query, memory, masks, topk=5, radius=2, screen=screen)
@@ -197,7 +183,7 @@ def test_sequence_feeds_ground_truth_to_the_filter_per_slot() -> None:
 
         def keep(self, context: FilterContext, block: QueryBlock) -> torch.Tensor:
             calls.append(context)
-            return get_filter("test-same-label").keep(context, block)
+            return get_filter("oracle").keep(context, block)
 
     try:
         settings = PropagationSettings(topk=2, radius=1, n_last_frames=2, filter="test-recording")
@@ -228,7 +214,7 @@ def test_sequence_feeds_ground_truth_to_the_filter_per_slot() -> None:
 
 def test_filter_that_needs_ground_truth_fails_clearly_without_it() -> None:
     features, truth = _sequence_case(1)
-    settings = PropagationSettings(filter="test-same-label")
+    settings = PropagationSettings(filter="oracle")
     with pytest.raises(DataError, match="needs the ground truth"):
         propagate_sequence(features, truth[0], 3, settings, input_size=(8, 12), output_size=(8, 12))
 
@@ -305,3 +291,36 @@ def test_method_metrics_reach_the_sequence_outcome(synth_root: Path, tmp_path: P
     (outcome,) = result.sequences
     assert outcome.metrics["filter_queries"] > 0
     assert outcome.metrics["filter_unfiltered_queries"] == 0
+
+
+def test_oracle_keeps_pairs_whose_labels_agree_by_hand() -> None:
+    """Released rule (label_propagation_oracle): keep key-query pairs with equal ground truth. A 1 x 3 grid,
+    one memory frame: query 0 (background) keeps keys 0 and 2, query 1 (object) keeps key 1 only."""
+    truth = torch.tensor([[0, 1, 0]])
+    context = FilterContext(frame=1, memory_frames=(0,), query_truth=truth, memory_truth=truth[..., None])
+    keep = _whole_grid_keep("oracle", context, 1, 3)  # (3 keys, 3 queries)
+    assert keep.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+
+
+def test_oracle_run_on_the_synthetic_set_and_its_error_without_ground_truth(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(
+        f"dataset: {{root: {synth_root}, sequences: [synth-occlusion]}}\n"
+        f"input: {{short_side: 64}}\nmethod: {{radius: 4, n_last_frames: 3}}\n"
+        f"cache: {{dir: {tmp_path / 'cache'}}}\noutput_dir: {tmp_path / 'run'}\nprogress: false\n"
+    )
+    from harness.config import RunConfig
+    from harness.pipeline import run
+
+    plain = run(RunConfig.from_yaml(config_path))
+    oracle = run(RunConfig.from_yaml(config_path).with_overrides({"method.filter": "oracle"}))
+    assert oracle.metrics is not None and plain.metrics is not None
+    # the oracle only removes wrong correspondences: on this sequence it must not score lower
+    assert oracle.metrics["J&F-Mean"] >= plain.metrics["J&F-Mean"]
+    assert oracle.metrics["filter_queries"] > 0
+    assert "filter_unfiltered_queries" in oracle.metrics
+    test_dev = ["run", "--config", str(config_path), "--quiet", "--set", "method.filter=oracle"]
+    assert main([*test_dev, "--set", "dataset.split=test-dev", "--set", "dataset.sequences=null"]) == 2
+    assert "needs the ground truth" in capsys.readouterr().err

@@ -291,7 +291,12 @@ def _propagate(
         query_truth = None
         if correspondence_filter is not None:
             if ground_truth is not None and memory_truth is not None:
-                query_truth = _truth_on_grid(ground_truth(t), (height, width), device)
+                truth_t = np.asarray(ground_truth(t))
+                if truth_t.shape != output.output_size:
+                    raise DataError(
+                        f"ground truth of frame {t} has shape {truth_t.shape}, expected {output.output_size}"
+                    )
+                query_truth = _truth_on_grid(truth_t, (height, width), device)
             filter_context = FilterContext(
                 frame=t,
                 memory_frames=tuple(slot_frames[:filled]),

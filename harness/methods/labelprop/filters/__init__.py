@@ -81,6 +81,7 @@ _FILTERS: dict[str, CorrespondenceFilter] = {}
 # name -> module that registers it; imported on first use
 _MODULES: dict[str, str] = {
     "first-frame": "harness.methods.labelprop.filters.first_frame",
+    "oracle": "harness.methods.labelprop.filters.oracle",
 }
 
 T = TypeVar("T")
