@@ -181,7 +181,7 @@ def predict_sequence(
         """
         source = backbone
         if condition:
-            from backbones.sd_prompt import condition_backbone  # imports diffusers: only when conditioned
+            from backbones.sd_prompt import condition_backbone
 
             source = condition_backbone(backbone, condition)
         resolved = backbone.resolve_layer(layer)

@@ -9,14 +9,12 @@ A method with a ``prompt: PromptSettings`` setting calls :func:`learn_object_pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from backbones.sd import StableDiffusionBackbone
+from backbones.sd_prompt import CONDITION_VECTOR, PromptLearningSettings
 from harness.errors import ConfigError
+from harness.features.prompts import ObjectPrompt, PromptCache, learn_sequence_prompts, write_prompt_artifacts
 from harness.methods.base import FeatureReader, SequenceContext
-
-if TYPE_CHECKING:  # both import diffusers; at run time they are imported only when prompts are learned
-    from backbones.sd_prompt import PromptLearningSettings
-    from harness.features.prompts import ObjectPrompt
 
 #: subfolder of a sequence's artifact folder that holds its learned vectors
 PROMPT_ARTIFACTS = "prompts"
@@ -47,8 +45,6 @@ class PromptSettings:
         self.learning_settings()  # every other value is checked where it is used
 
     def learning_settings(self) -> PromptLearningSettings:
-        from backbones.sd_prompt import PromptLearningSettings
-
         return PromptLearningSettings(
             steps=self.steps,
             lr=self.lr,
@@ -64,9 +60,6 @@ def learn_object_prompts(ctx: SequenceContext, settings: PromptSettings) -> list
     Vectors are cached beside the run's features (``ctx.cache_root``) and written to the sequence's artifact
     folder (``ctx.artifact_dir / "prompts"``); ``ctx.metrics`` counts learned and cached vectors.
     """
-    from backbones.sd import StableDiffusionBackbone
-    from harness.features.prompts import PromptCache, learn_sequence_prompts, write_prompt_artifacts
-
     if not isinstance(ctx.backbone, StableDiffusionBackbone):
         name = ctx.backbone.name if ctx.backbone is not None else None
         raise ConfigError(
@@ -96,8 +89,6 @@ def learn_object_prompts(ctx: SequenceContext, settings: PromptSettings) -> list
 def object_features(ctx: SequenceContext, prompt: ObjectPrompt) -> FeatureReader:
     """Frame -> features of the run's layer, t and ensemble, extracted with ``prompt``'s vector in place of
     the empty prompt (cached under a key that includes the vector)."""
-    from backbones.sd_prompt import CONDITION_VECTOR
-
     return ctx.extract_features(condition={CONDITION_VECTOR: prompt.learned.vector})
 
 
