@@ -216,3 +216,23 @@ def test_prompt_learning_without_per_object_mode_is_a_clear_error(
     )
     with pytest.raises(ConfigError, match="per-object mode"):
         run(config)
+
+
+def test_published_row_is_the_released_configuration() -> None:
+    from harness.published import PUBLISHED
+
+    entry = PUBLISHED["paper-sd21-prompt"]
+    assert entry.jf == 70.5 and entry.weights == ("sd2.1",)
+    config = RunConfig().with_overrides(dict(entry.overrides))
+    assert (config.backbone.name, config.backbone.timestep, config.backbone.layer) == ("sd2.1", 100, 9)
+    assert config.backbone.ensemble_size == 4 and config.method.name == "prompt-learning"
+    settings = config.method.settings
+    assert settings.per_object and (settings.temperature, settings.topk, settings.n_last_frames) == (
+        0.2,
+        15,
+        28,
+    )
+    # src/config/eval_prompt_learning.yaml: lr 0.01, 100 steps (n_epochs), t 100, ensemble 4
+    assert settings.learning_settings() == PromptLearningSettings(
+        steps=100, lr=0.01, timestep=100, ensemble_size=4
+    )

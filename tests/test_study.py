@@ -692,9 +692,16 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "method.topk": 15,
             "backbone.ensemble_size": 8,
         },
+        {
+            "backbone.name": "sd2.1",
+            "backbone.timestep": 100,
+            "backbone.layer": 9,
+            "backbone.ensemble_size": 4,
+            "method.name": "prompt-learning",
+        },
     ]
     shared = {"method.n_last_frames": 28, "method.radius": 15}
-    assert spec.target_trials() == 4
+    assert spec.target_trials() == 5
     assert [spec.trial_overrides(entry) for entry in spec.enqueue] == [shared | e for e in expected]
 
     # through Optuna: the enqueued trials come first and suggest() returns exactly these values
@@ -702,7 +709,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
     study = create_or_load_study(local, optuna.storages.InMemoryStorage())
     create_or_load_study(local, study._storage)  # again (a resumed sweep): no duplicates
     asked = []
-    for _ in range(4):
+    for _ in range(5):
         trial = study.ask()
         params = {name: p.suggest(trial) for name, p in local.search_space.items()}
         asked.append(local.trial_overrides(params))
