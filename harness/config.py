@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from harness.errors import ConfigError
 from harness.methods import DEFAULT_METHOD, get_method
 
 DTYPES = ("fp32", "bf16", "fp16")
+#: a decimal number as text, e.g. "1e-3" (which YAML 1.1 does not read as a float); no nan/inf
+_NUMERIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         origin = typing.get_origin(option) or option
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str) and _NUMERIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         if origin is int and isinstance(value, bool):
             continue
         if isinstance(origin, type) and isinstance(value, origin):
