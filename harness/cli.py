@@ -90,9 +90,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _weights_here(name: str, info: dict[str, Any]) -> str:
     """Whether this machine has the backbone's weights where it looks for them (no download, no load)."""
-    if name == "adm":
-        path = Path(str(info.get("weights", "")).split(" (", 1)[0])
-        return "yes" if path.is_file() else f"no ({path})"
     from backbones.sd import KNOWN_MODELS, cached_commit
 
     if name in KNOWN_MODELS:
@@ -102,6 +99,10 @@ def _weights_here(name: str, info: dict[str, Any]) -> str:
     weights = str(info.get("weights") or "")
     if not weights or weights.startswith("none"):
         return "none needed"
+    # file-based backbones describe their weights as "<path>" or "<path> (downloaded from URL if missing)"
+    path = Path(weights.split(" (", 1)[0])
+    if path.is_absolute():
+        return "yes" if path.exists() else f"no ({path})"
     return "depends on options (see --layers " + name + ")"
 
 

@@ -507,7 +507,10 @@ def test_cli_lists_the_dino_backbones_without_weights(
     monkeypatch.setenv(dino.WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
     assert main(["backbones", "list"]) == 0
     listing = capsys.readouterr().out
-    assert "dino-vitb8: default t 0, default layer 11" in listing
-    assert str(tmp_path / "empty" / "dino_xcit_small_12_p8_pretrain.pth") in listing
-    assert "layer 11: 768 channels, stride 8" in listing
+    row = next(line for line in listing.splitlines() if line.startswith("dino-xcits8 "))
+    assert f"no ({tmp_path / 'empty' / 'dino_xcit_small_12_p8_pretrain.pth'})" in row
+    assert main(["backbones", "list", "--layers", "dino-vitb8"]) == 0
+    table = capsys.readouterr().out
+    assert "dino-vitb8: default t 0, default layer 11" in table
+    assert any(line.split() == ["11", "768", "8"] for line in table.splitlines())
     assert not (tmp_path / "empty").exists()  # nothing downloaded
