@@ -1,5 +1,5 @@
 """Prompt learning through the pipeline on sd-tiny and the synthetic set: the ``prompt-learning`` method
-(settings, errors, an end-to-end `harness run` when label propagation has its per-object mode), and the
+(settings, errors, an end-to-end `harness run`), and the
 plumbing it uses: vectors per object, conditioned features through the cache, run artifacts, MLflow."""
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from harness.errors import ConfigError
 from harness.methods import get_method, register_method
 from harness.methods.base import METHOD_ARTIFACTS, SequenceContext
 from harness.methods.labelprop import PropagationSettings
-from harness.methods.labelprop import method as labelprop
 from harness.methods.prompting import (
     PROMPT_ARTIFACTS,
     PromptLearningMethodSettings,
@@ -32,11 +31,6 @@ from harness.pipeline import run
 from harness.tracking import StudyTracker, TrackingConfig
 
 SEQUENCE = "synth-reenter"  # two objects
-
-needs_per_object = pytest.mark.skipif(
-    not hasattr(labelprop, "segment_per_object"),
-    reason="label propagation has no per-object mode in this version (issue 10 section 2)",
-)
 
 
 @dataclass(frozen=True)
@@ -178,7 +172,6 @@ def test_a_run_without_learning_keeps_no_artifacts(synth_root: Path, tmp_path: P
 # -- end to end ----------------------------------------------------------------------------------------------
 
 
-@needs_per_object
 def test_harness_run_with_prompt_learning(
     synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -205,17 +198,6 @@ def test_harness_run_with_prompt_learning(
     # the run's resolved settings name the method and the learning
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert written["method"]["name"] == "prompt-learning" and written["method"]["prompt_steps"] == 2
-
-
-def test_prompt_learning_without_per_object_mode_is_a_clear_error(
-    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delattr(labelprop, "segment_per_object", raising=False)
-    config = config_for(
-        synth_root, tmp_path, {"name": "prompt-learning", "radius": 4, "n_last_frames": 3, "prompt_steps": 1}
-    )
-    with pytest.raises(ConfigError, match="per-object mode"):
-        run(config)
 
 
 def test_published_row_is_the_released_configuration() -> None:

@@ -14,7 +14,7 @@ the learning's as flat ``prompt_*`` keys, so a study can set any of them with on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +25,7 @@ from harness.errors import ConfigError
 from harness.features.prompts import ObjectPrompt, PromptCache, learn_sequence_prompts, write_prompt_artifacts
 from harness.methods import register_method
 from harness.methods.base import FeatureReader, SequenceContext
+from harness.methods.labelprop.method import segment_per_object
 from harness.methods.labelprop.sequence import PropagationSettings
 
 #: subfolder of a sequence's artifact folder that holds its learned vectors
@@ -106,19 +107,6 @@ def object_features(ctx: SequenceContext, prompt: ObjectPrompt) -> FeatureReader
     return ctx.extract_features(condition={CONDITION_VECTOR: prompt.learned.vector})
 
 
-def _per_object_hook() -> Callable[..., Iterator[tuple[int, np.ndarray]]]:
-    """labelprop's ``segment_per_object(ctx, settings, features_for_object)``."""
-    from harness.methods.labelprop import method as labelprop
-
-    hook = getattr(labelprop, "segment_per_object", None)
-    if hook is None:
-        raise ConfigError(
-            "method prompt-learning needs label propagation's per-object mode "
-            "(labelprop.segment_per_object), which this version of the harness does not have"
-        )
-    return hook
-
-
 @register_method("prompt-learning")
 class PromptLearning:
     """Learned prompt per object (SD only), features per object, per-object label propagation."""
@@ -128,7 +116,6 @@ class PromptLearning:
     def segment_sequence(
         self, ctx: SequenceContext, settings: PromptLearningMethodSettings
     ) -> Iterator[tuple[int, np.ndarray]]:
-        segment_per_object = _per_object_hook()
         prompts = learn_object_prompts(ctx, settings.learning_settings(), seed=settings.prompt_seed)
         by_channel = {prompt.channel: prompt for prompt in prompts}
         yield from segment_per_object(
