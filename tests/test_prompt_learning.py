@@ -366,3 +366,17 @@ def test_prompt_artifacts(tmp_path: Path) -> None:
     with safe_open(str(written[1]), framework="pt") as handle:
         assert torch.equal(handle.get_tensor("vector"), -torch.arange(3.0))
         assert json.loads(handle.metadata()["losses"]) == [0.5]
+
+
+def test_vectors_outlive_a_feature_cache_clear(tmp_path: Path) -> None:
+    """They sit beside the feature entries, which `harness cache clear` / eviction manage without them:
+    vectors are a few KiB each and cost a hundred UNet passes (delete ``<cache>/prompts`` to drop them)."""
+    features = FeatureCache(tmp_path)
+    vectors = prompt_cache.PromptCache.beside_features(features.root)
+    key = prompt_cache.PromptKey("b", "s", 1, "f", "m", (32, 32), 0, "{}")
+    vectors.put(key, sp.LearnedPrompt(torch.arange(4.0), (0.5,)))
+    assert vectors.root == tmp_path / "prompts"
+    assert features.info().entries == 0
+    features.clear()
+    found = vectors.get(key)
+    assert found is not None and torch.equal(found.vector, torch.arange(4.0))

@@ -90,7 +90,9 @@ class PromptCache:
 
     @classmethod
     def beside_features(cls, feature_cache_root: Path) -> PromptCache:
-        """The prompt cache inside a feature cache folder (cleared with it by ``harness cache clear``)."""
+        """The prompt cache in ``<feature cache>/prompts``. The feature cache's size cap, ``harness cache
+        info`` and ``harness cache clear`` leave it alone: vectors are a few KiB each and expensive to
+        learn (delete the folder to drop them)."""
         return cls(Path(feature_cache_root) / PROMPTS_FOLDER)
 
     def path_for(self, key: PromptKey) -> Path:
