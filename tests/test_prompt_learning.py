@@ -372,10 +372,12 @@ def test_vectors_outlive_a_feature_cache_clear(tmp_path: Path) -> None:
     """They sit beside the feature entries, which `harness cache clear` / eviction manage without them:
     vectors are a few KiB each and cost a hundred UNet passes (delete ``<cache>/prompts`` to drop them)."""
     features = FeatureCache(tmp_path)
+    features.prepare()  # as a run does before anything is written
     vectors = prompt_cache.PromptCache.beside_features(features.root)
     key = prompt_cache.PromptKey("b", "s", 1, "f", "m", (32, 32), 0, "{}")
     vectors.put(key, sp.LearnedPrompt(torch.arange(4.0), (0.5,)))
     assert vectors.root == tmp_path / "prompts"
+    features.prepare()  # the next run: the folder is still a cache
     assert features.info().entries == 0
     features.clear()
     found = vectors.get(key)
