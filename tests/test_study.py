@@ -714,9 +714,16 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "method.filter": "oracle",
             "method.per_object": True,
         },
+        {
+            "backbone.name": "sd2.1",
+            "backbone.timestep": 100,
+            "backbone.layer": 9,
+            "backbone.ensemble_size": 4,
+            "method.name": "prompt-learning",
+        },
     ]
     shared = {"method.n_last_frames": 28, "method.radius": 15}
-    assert spec.target_trials() == 5
+    assert spec.target_trials() == 6
     assert [spec.trial_overrides(entry) for entry in spec.enqueue] == [shared | e for e in expected]
 
     # through Optuna: the enqueued trials come first and suggest() returns exactly these values
@@ -724,7 +731,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
     study = create_or_load_study(local, optuna.storages.InMemoryStorage())
     create_or_load_study(local, study._storage)  # again (a resumed sweep): no duplicates
     asked = []
-    for _ in range(5):
+    for _ in range(6):
         trial = study.ask()
         params = {name: p.suggest(trial) for name, p in local.search_space.items()}
         asked.append(local.trial_overrides(params))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -17,6 +18,10 @@ import torch
 from backbones import Backbone
 
 FeatureReader = Callable[[int], torch.Tensor]
+
+#: folder of a run's output directory where methods leave files (one subfolder per sequence, given to the
+#: method as SequenceContext.artifact_dir); tracking logs it as artifacts under the same name
+METHOD_ARTIFACTS = "method-artifacts"
 
 #: per-sequence metrics with these name prefixes are rates (e.g. the correspondence diagnostics): a run
 #: reports their mean over the sequences that have them; every other metric is a count, summed
@@ -66,6 +71,10 @@ class SequenceContext:
     backbone: Backbone | None = None
     load_frames: Callable[[list[int]], torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the feature cache folder (None: caching off); methods may keep derived caches beneath it
+    cache_root: Path | None = None
+    #: a folder for files the run keeps and tracking logs as artifacts (None: nowhere to keep them)
+    artifact_dir: Path | None = None
 
 
 @runtime_checkable

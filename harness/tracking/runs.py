@@ -41,6 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from harness.errors import ConfigError
+from harness.methods.base import METHOD_ARTIFACTS
 from harness.tracking.artifacts import (
     mean_sequence_metrics,
     numeric_fields,
@@ -315,6 +316,10 @@ class TrialRun:
                 warnings.warn(f"run {self.run_id}: no overlay images ({error})", stacklevel=2)
                 _log_tags(self._client, self.run_id, {"diffvos.overlay_error": str(error)})
             self._client.log_artifacts(self.run_id, scratch)
+        method_artifacts = Path(result.output_dir) / METHOD_ARTIFACTS
+        if method_artifacts.is_dir() and any(method_artifacts.iterdir()):
+            # what the method kept, e.g. learned prompt vectors: method-artifacts/<sequence>/...
+            self._client.log_artifacts(self.run_id, str(method_artifacts), artifact_path=METHOD_ARTIFACTS)
 
     def _result_metrics(self, result: RunResult) -> dict[str, float]:
         metrics: dict[str, float] = {}
