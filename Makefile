@@ -37,9 +37,14 @@ leaderboard:
 ui:
 	$(PYTHON) -m mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+## optuna-dashboard: every study under studies-storage/ (a snapshot), or one study live with STUDY=name
 dashboard:
+ifneq ($(filter command line,$(origin STUDY) $(origin STORAGE)),)
 	$(BIN)optuna-dashboard --host 127.0.0.1 --port 8080 \
 		$(if $(findstring ://,$(STORAGE)),,--storage-class JournalFileStorage) $(STORAGE)
+else
+	$(PYTHON) -m harness.study dashboard --storage-dir studies-storage --host 127.0.0.1 --port 8080
+endif
 
 bench:
 	$(PYTHON) -m harness.cli bench all

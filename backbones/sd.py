@@ -558,9 +558,10 @@ class StableDiffusionBackbone(Backbone):
 
     @torch.no_grad()
     def unet_features(
-        self, x_t: torch.Tensor, t: int, layers: list[LayerKey]
+        self, x_t: torch.Tensor, t: int, layers: list[LayerKey], context: torch.Tensor | None = None
     ) -> dict[LayerKey, torch.Tensor]:
-        """Run the UNet on already-noised latents ``x_t`` (N, 4, h, w) at step ``t`` with the empty prompt.
+        """Run the UNet on already-noised latents ``x_t`` (N, 4, h, w) at step ``t`` with the empty prompt
+        (or ``context``, a (1, L, D) text-encoder output such as a learned prompt, see backbones.sd_prompt).
 
         Returns {layer: (N, C, h', w') float32 on the backbone's device}; nothing after the deepest
         requested layer is computed.
@@ -572,7 +573,9 @@ class StableDiffusionBackbone(Backbone):
         x_t = x_t.to(self.device, torch.float32)
         if self.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        context = self.empty_prompt_embedding().expand(x_t.shape[0], -1, -1)
+        if context is None:
+            context = self.empty_prompt_embedding()
+        context = context.to(self.device, torch.float32).expand(x_t.shape[0], -1, -1)
         timesteps = torch.full((x_t.shape[0],), t, dtype=torch.long, device=self.device)
         captured: dict[LayerKey, torch.Tensor] = {}
         with self._capture(keys, captured), self._autocast():
@@ -612,7 +615,9 @@ class StableDiffusionBackbone(Backbone):
         seed: int,
         sequence: str,
         frame_indices: list[int],
+        context: torch.Tensor | None = None,
     ) -> dict[LayerKey, torch.Tensor]:
+        """See :meth:`Backbone.extract`; ``context`` replaces the empty prompt (see :meth:`unet_features`)."""
         timestep = self.check_timestep(timestep)
         keys = list(dict.fromkeys(self.resolve_layer(layer) for layer in layers))
         self._check_batch(frames, ensemble_size, frame_indices)
@@ -635,7 +640,7 @@ class StableDiffusionBackbone(Backbone):
         z0 = z0 * self.vae.config.scaling_factor
         timesteps = torch.full((z0.shape[0],), timestep, dtype=torch.long, device=self.device)
         x_t = self.scheduler.add_noise(z0, torch.cat(noises), timesteps)
-        features = self.unet_features(x_t, timestep, keys)
+        features = self.unet_features(x_t, timestep, keys, context)
         batch = frames.shape[0]
         return {
             key: value.reshape(batch, ensemble_size, *value.shape[1:]).mean(dim=1).cpu().contiguous()

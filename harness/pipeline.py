@@ -40,6 +40,7 @@ from harness.features import (
 from harness.files import mkdtemp_shared
 from harness.frames import load_network_inputs, network_input_size
 from harness.methods import SequenceContext, get_method
+from harness.methods.base import METHOD_ARTIFACTS, aggregate_sequence_metrics
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
-    #: the method's per-sequence diagnostics summed over the sequences (also in ``metrics`` when scored)
+    #: the method's per-sequence diagnostics over the sequences: counts summed, rates (corr_*) averaged
+    #: (harness.methods.base.aggregate_sequence_metrics; also in ``metrics`` when scored)
     method_metrics: dict[str, float] = field(default_factory=dict)
     #: which frames were scored (None when the split has no ground truth or evaluation is off)
     scoring: ScoringPlan | None = None
@@ -209,6 +211,7 @@ def predict_sequence(
     cache: FeatureCache | None,
     layout: str = "davis",
     metrics: dict[str, float] | None = None,
+    artifact_dir: Path | None = None,
 ) -> dict[str, float]:
     """Write the predicted masks of one sequence into ``out_dir`` with the configured method; returns
     timings in seconds. The method's diagnostics are added to ``metrics`` when a dict is passed."""
@@ -232,14 +235,19 @@ def predict_sequence(
         condition: dict | None = None,
         prefetch: list[int | str] | None = None,
     ) -> Callable[[int], torch.Tensor]:
-        """Features of every frame through the cache, as a frame -> (C, h, w) reader on the run's device."""
-        if condition is not None:
-            raise ConfigError(
-                "conditioned feature extraction (condition=...) is not supported by the feature cache yet"
-            )
+        """Features of every frame through the cache, as a frame -> (C, h, w) reader on the run's device.
+
+        ``condition`` (e.g. ``{"prompt_vector": v}``, see backbones.sd_prompt.condition_backbone) extracts
+        with a conditioned backbone whose identity, hence every cache key, includes the condition.
+        """
+        source = backbone
+        if condition:
+            from backbones.sd_prompt import condition_backbone
+
+            source = condition_backbone(backbone, condition)
         resolved = backbone.resolve_layer(layer)
         stacked = extract_sequence_features(
-            backbone,
+            source,
             sequence=sequence.name,
             frame_ids=frame_ids,
             load_frames=load_frames,
@@ -287,6 +295,8 @@ def predict_sequence(
         extract_features=extract,
         backbone=backbone,
         load_frames=load_frames,
+        cache_root=cache.root if cache is not None else None,
+        artifact_dir=artifact_dir / sequence.name if artifact_dir is not None else None,
     )
     written = 0
     for index, labels in method.segment_sequence(ctx, config.method.settings):
@@ -320,6 +330,7 @@ RUN_OUTPUT_PATTERNS = (
     "per-sequence_results-*.csv",
     "per-frame_results-*.csv",
     "submission-*.zip",
+    METHOD_ARTIFACTS,
 )
 STAGING_PREFIX = ".predictions-"
 PREVIOUS_PREFIX = ".previous-"
@@ -502,6 +513,7 @@ def _run_staged(
                 cache=cache,
                 layout=dataset.layout,
                 metrics=sequence_metrics,
+                artifact_dir=staging / METHOD_ARTIFACTS,
             )
             scores = None
             if plan is not None:
@@ -535,10 +547,7 @@ def _run_staged(
         metrics = dict(evaluation.global_metrics)
     else:
         submission = output_dir / _write_submission_zip(staged_predictions, staging, dataset).name
-    method_metrics: dict[str, float] = {}
-    for outcome in outcomes:
-        for name, value in outcome.metrics.items():
-            method_metrics[name] = method_metrics.get(name, 0.0) + float(value)
+    method_metrics = aggregate_sequence_metrics([outcome.metrics for outcome in outcomes])
     if metrics is not None:
         metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     resolved = config.to_dict() | {

@@ -79,3 +79,36 @@ PUBLISHED["training-free-vos"] = PublishedSystem(
 
 def published_system(name: str) -> PublishedSystem | None:
     return PUBLISHED.get(name)
+
+
+# -- SD 2.1 + prompt learning (issue 10 section 4): a vector learned per object on frame 0 conditions the
+# UNet, features per object, per-object propagation; every value from github thanosDelatolas/diff-zvos
+# src/config/eval_prompt_learning.yaml (t 100, ensemble 4, layer 9, T 0.2, top-15, memory 28, window 15,
+# cosine; lr 0.01, 100 steps, BCE: the defaults of method prompt-learning); frames at short side 480
+# (src/utils/read_util.py:17). The number is the README's state-of-the-art table, row
+# "SD-2.1 + Prompt Learning", DAVIS-17 val column (README.md:80).
+PUBLISHED["paper-sd21-prompt"] = PublishedSystem(
+    name="paper-sd21-prompt",
+    description=(
+        "the paper's SD 2.1 + prompt learning (a vector learned per object, features per object at t 100, "
+        "layer 9, 4 draws, per-object propagation)"
+    ),
+    jf=70.5,
+    source="diff-zvos README.md:80, state-of-the-art table, 'SD-2.1 + Prompt Learning', DAVIS-17 val",
+    weights=("sd2.1",),
+    overrides={
+        "backbone.name": "sd2.1",
+        "backbone.timestep": 100,
+        "backbone.layer": 9,
+        "backbone.ensemble_size": 4,
+        "method.name": "prompt-learning",
+        "method.temperature": 0.2,
+        "method.topk": 15,
+        "method.radius": 15,
+        "method.n_last_frames": 28,
+        "method.similarity": "cosine",
+        "input.short_side": 480,
+        "dataset.split": "val",
+        "dataset.resolution": "480p",
+    },
+)

@@ -331,11 +331,12 @@ def test_shipped_studies_validate(path: Path) -> None:
 
 
 def test_shipped_studies_are_all_there() -> None:
-    assert {"quickstart", "timestep", "layer", "model", "affinity", "paper"} <= {p.stem for p in SHIPPED}
+    shipped = {p.stem for p in SHIPPED}
+    assert {"quickstart", "timestep", "layer", "model", "affinity", "paper", "filters"} <= shipped
 
 
 def test_shipped_real_model_studies_use_davis_val() -> None:
-    for name in ("timestep", "layer", "model", "affinity", "paper"):
+    for name in ("timestep", "layer", "model", "affinity", "paper", "filters"):
         spec = load_study_spec(STUDIES / f"{name}.yaml")
         assert (spec.dataset.root, spec.dataset.split) == ("data/DAVIS", "val")
 
@@ -344,9 +345,16 @@ def test_shipped_real_model_studies_use_davis_val() -> None:
 
 
 def test_grid_sizes_of_shipped_one_factor_studies() -> None:
-    assert load_study_spec(STUDIES / "timestep.yaml").grid_size() == len(range(0, 401, 25))  # 17
-    assert load_study_spec(STUDIES / "layer.yaml").grid_size() == 18
+    timestep = load_study_spec(STUDIES / "timestep.yaml")
+    points = [p["backbone.timestep"] for p in grid_points(timestep)]
+    assert sorted(points) == sorted([*range(0, 401, 25), 30, 51])  # every 25 steps + published 30, 51
+    assert timestep.grid_size() == 19
+    layer = load_study_spec(STUDIES / "layer.yaml")
+    assert layer.grid_size() == 18
+    # one-factor curves run unpruned, so no point (a published one included) is left out
+    assert not timestep.pruning.enabled and not layer.pruning.enabled
     assert load_study_spec(STUDIES / "model.yaml").grid_size() == 3
+    assert load_study_spec(STUDIES / "filters.yaml").grid_size() == 8
     assert load_study_spec(STUDIES / "affinity.yaml").grid_size() is None  # TPE
 
 
@@ -447,7 +455,7 @@ def test_storage_selection(tmp_path: Path) -> None:
     default = resolve_storage(None, "quickstart", tmp_path / "st")
     assert default.kind == "journal"
     assert default.path == (tmp_path / "st" / "quickstart.journal").absolute()
-    assert not default.has_heartbeat
+    assert default.has_heartbeat  # our heartbeats on the journal file (Optuna has none there)
 
     explicit = resolve_storage(f"journal:{tmp_path}/x.log", "s")
     assert (explicit.kind, explicit.path) == ("journal", tmp_path / "x.log")
@@ -604,18 +612,22 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, synth_s
 
     def score(config: Any, index: int) -> float:
         if config.method.settings.topk == 2:
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise ValueError("the method crashed on these settings (simulated)")
         return 0.5
 
     tracker = FakeTracker()
     summary = fake_sweep(study_file, tmp_path, FakeRunner(score), tracker)
     assert (summary.n_complete, summary.n_failed) == (2, 1)
-    failed = [t for t in load_trials(tmp_path, "unit") if t.state == optuna.trial.TrialState.FAIL]
+    trials = load_trials(tmp_path, "unit")
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and failed[0].params == {"method.topk": 2}
-    assert "out of memory" in failed[0].user_attrs["error"]
+    assert "crashed" in failed[0].user_attrs["error"]
+    assert failed[0].user_attrs["failure_kind"] == "setting"
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.WAITING]  # counted, not retried
     run = next(r for r in tracker.runs if r.trial_number == failed[0].number)
-    assert run.status == "FAILED" and "out of memory" in run.error
+    assert run.status == "FAILED" and "crashed" in run.error
     assert sorted(r.status for r in tracker.runs) == ["FAILED", "FINISHED", "FINISHED"]
+    assert summary.ok  # one setting failed, the others ran: the sweep did its job
 
 
 def test_config_error_at_run_time_fails_only_that_trial(tmp_path: Path, synth_study: Any) -> None:
@@ -692,9 +704,26 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "method.topk": 15,
             "backbone.ensemble_size": 8,
         },
+        {
+            "backbone.name": "sd2.1",
+            "backbone.timestep": 100,
+            "backbone.layer": 9,
+            "method.temperature": 0.2,
+            "method.topk": 15,
+            "backbone.ensemble_size": 8,
+            "method.filter": "oracle",
+            "method.per_object": True,
+        },
+        {
+            "backbone.name": "sd2.1",
+            "backbone.timestep": 100,
+            "backbone.layer": 9,
+            "backbone.ensemble_size": 4,
+            "method.name": "prompt-learning",
+        },
     ]
     shared = {"method.n_last_frames": 28, "method.radius": 15}
-    assert spec.target_trials() == 4
+    assert spec.target_trials() == 6
     assert [spec.trial_overrides(entry) for entry in spec.enqueue] == [shared | e for e in expected]
 
     # through Optuna: the enqueued trials come first and suggest() returns exactly these values
@@ -702,7 +731,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
     study = create_or_load_study(local, optuna.storages.InMemoryStorage())
     create_or_load_study(local, study._storage)  # again (a resumed sweep): no duplicates
     asked = []
-    for _ in range(4):
+    for _ in range(6):
         trial = study.ask()
         params = {name: p.suggest(trial) for name, p in local.search_space.items()}
         asked.append(local.trial_overrides(params))
@@ -812,7 +841,7 @@ def test_command_line_validate_and_errors(tmp_path: Path, capsys: pytest.Capture
 
     assert main([str(STUDIES / "timestep.yaml"), "--validate"]) == 0
     out = capsys.readouterr().out
-    assert "timestep" in out and "17 grid points" in out
+    assert "timestep" in out and "19 grid points" in out
 
     bad = write_study(tmp_path, base_study(sampler={"type": "annealing"}), name="bad.yaml")
     assert main([str(bad)]) == 2

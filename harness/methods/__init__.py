@@ -31,6 +31,7 @@ _METHODS: dict[str, Method] = {}
 # name -> module that registers it; imported on first use
 _MODULES: dict[str, str] = {
     "labelprop": "harness.methods.labelprop.method",
+    "prompt-learning": "harness.methods.prompting",
     "training-free-vos": "harness.methods.training_free_vos.method",
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -17,6 +18,29 @@ import torch
 from backbones import Backbone
 
 FeatureReader = Callable[[int], torch.Tensor]
+
+#: folder of a run's output directory where methods leave files (one subfolder per sequence, given to the
+#: method as SequenceContext.artifact_dir); tracking logs it as artifacts under the same name
+METHOD_ARTIFACTS = "method-artifacts"
+
+#: per-sequence metrics with these name prefixes are rates (e.g. the correspondence diagnostics): a run
+#: reports their mean over the sequences that have them; every other metric is a count, summed
+MEAN_METRIC_PREFIXES = ("corr_",)
+
+
+def aggregate_sequence_metrics(per_sequence: list[dict[str, float]]) -> dict[str, float]:
+    """A run's method metrics from its sequences' ``SequenceContext.metrics``: means of rates (see
+    :data:`MEAN_METRIC_PREFIXES`) over the sequences that report them, sums of counts."""
+    totals: dict[str, float] = {}
+    reported: dict[str, int] = {}
+    for metrics in per_sequence:
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+            reported[name] = reported.get(name, 0) + 1
+    return {
+        name: total / reported[name] if name.startswith(MEAN_METRIC_PREFIXES) else total
+        for name, total in totals.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,10 @@ class SequenceContext:
     backbone: Backbone | None = None
     load_frames: Callable[[list[int]], torch.Tensor] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the feature cache folder (None: caching off); methods may keep derived caches beneath it
+    cache_root: Path | None = None
+    #: a folder for files the run keeps and tracking logs as artifacts (None: nowhere to keep them)
+    artifact_dir: Path | None = None
 
 
 @runtime_checkable

@@ -48,6 +48,14 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--validate", action="store_true", help="only check the study file and print its size"
     )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines (only failures and the summary), for logs"
+    )
+    parser.add_argument(
+        "--skip-checks",
+        action="store_true",
+        help="skip the pre-flight checks of dataset, weights and disk (e.g. weights downloaded on first use)",
+    )
 
 
 def _tracking_config(
@@ -88,9 +96,11 @@ def sweep_from_args(args: argparse.Namespace) -> int:
         storage_dir=args.storage_dir,
         heartbeat=HeartbeatSettings(interval=args.heartbeat_interval, grace_period=args.grace_period),
         fail_running=args.fail_running,
+        quiet=getattr(args, "quiet", False),
+        check=not getattr(args, "skip_checks", False),
     )
     print(summary.format())
-    return 0 if all(code == 0 for code in summary.worker_exit_codes) else 1
+    return 0 if summary.ok else 1
 
 
 def _worker_parser() -> argparse.ArgumentParser:
@@ -112,13 +122,17 @@ def _worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", type=int, default=None)
     parser.add_argument("--max-retry", type=int, default=1)
     parser.add_argument("--worker-index", type=int, default=0)
+    parser.add_argument("--stream", default="0", help="the sweep process's sampler seed stream")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--n-workers", type=int, default=1, help="workers sharing the budget (for the ETA)")
     return parser
 
 
 def worker_main(argv: list[str]) -> int:
+    from harness.study.progress import SweepProgress
     from harness.study.spec import load_study_spec
     from harness.study.storage import HeartbeatSettings, resolve_storage
-    from harness.study.sweep import run_worker
+    from harness.study.sweep import WORKER_STOPPED_EXIT, run_worker
     from harness.tracking import StudyTracker
 
     args = _worker_parser().parse_args(argv)
@@ -126,7 +140,15 @@ def worker_main(argv: list[str]) -> int:
     tracker = StudyTracker(
         _tracking_config(args.tracking_uri, args.experiment, args.artifact_location), spec.name
     )
-    run_worker(
+    progress = SweepProgress(
+        spec.name,
+        args.target,
+        spec.objective.metric,
+        workers=args.n_workers,
+        quiet=args.quiet,
+        label=f"worker {args.worker_index}",
+    )
+    outcome = run_worker(
         spec,
         resolve_storage(args.storage, spec.name),
         tracker=tracker,
@@ -137,7 +159,23 @@ def worker_main(argv: list[str]) -> int:
         heartbeat=HeartbeatSettings(args.heartbeat_interval, args.grace_period, args.max_retry),
         worker_index=args.worker_index,
         final_update=False,  # the sweep that started this worker summarises the study once at the end
+        stream=args.stream,
+        progress=progress,
     )
+    return WORKER_STOPPED_EXIT if outcome.stop_reason else 0
+
+
+def dashboard_main(argv: list[str]) -> int:
+    from harness.study.dashboard import serve
+
+    parser = argparse.ArgumentParser(
+        prog="python -m harness.study dashboard", description="optuna-dashboard over every local study"
+    )
+    parser.add_argument("--storage-dir", type=Path, default=Path("studies-storage"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args(argv)
+    serve(args.storage_dir, args.host, args.port)
     return 0
 
 
@@ -146,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "worker":
             return worker_main(argv[1:])
+        if argv and argv[0] == "dashboard":
+            return dashboard_main(argv[1:])
         parser = argparse.ArgumentParser(
             prog="python -m harness.study", description="run an Optuna study of the VOS pipeline"
         )

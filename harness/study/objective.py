@@ -6,9 +6,9 @@ objective object (not in module globals) so that trials of the same model do not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -17,9 +17,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.errors import ConfigError
+from harness.study.failures import (
+    INTERRUPTED,
+    KIND_ATTR,
+    SETTING,
+    SURPLUS,
+    WORKER_ATTR,
+    classify,
+    counts_against_budget,
+    requeue,
+    retried_numbers,
+    this_worker,
+)
 from harness.study.spec import StudySpec, _set_dotted
 
 if TYPE_CHECKING:
+    from harness.study.progress import SweepProgress
     from harness.tracking import StudyTracker
 
 #: Test hook, off unless set: seconds to sleep after every sequence of a trial, so that a test can kill a
@@ -81,12 +94,29 @@ def release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def stop_optimizing(study: Any) -> None:
+    """``study.stop()`` when inside ``optimize`` (outside it, e.g. a trial run by hand, there is nothing
+    to stop)."""
+    with contextlib.suppress(RuntimeError):
+        study.stop()
+
+
 def close_stale_runs(study: Any, tracker: StudyTracker) -> int:
     """Close (as KILLED) the MLflow runs of trials Optuna has failed while their run was still open."""
     from optuna.trial import TrialState
 
     failed = {t.number: "FAIL" for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     return tracker.close_stale_trials(failed) if failed else 0
+
+
+class SurplusTrial(Exception):
+    """A trial asked for after the study's budget was used (by other processes); it is re-queued."""
+
+
+@dataclass(frozen=True)
+class _Finished:
+    number: int
+    value: float
 
 
 class StudyObjective:
@@ -108,6 +138,8 @@ class StudyObjective:
         backbones: BackbonePool | None = None,
         runner: PipelineRunner | None = None,
         extra_overrides: Mapping[str, Any] | None = None,
+        target: int | None = None,
+        progress: SweepProgress | None = None,
     ) -> None:
         self.spec = spec
         self.sequence_order = sequence_order
@@ -119,6 +151,11 @@ class StudyObjective:
         self.extra_overrides = dict(extra_overrides or {})
         self._caches: dict[str, Any] = {}
         self._sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+        #: the study's trial budget: a trial numbered beyond it (other processes used it) is not run
+        self.target = target
+        self.progress = progress
+        #: why this worker stopped early (an environment failure), None while it runs normally
+        self.stop_reason: str | None = None
 
     def _cache_for(self, config: Any) -> Any:
         """One FeatureCache per cache setting for the worker's lifetime (the files are shared on disk)."""
@@ -138,14 +175,23 @@ class StudyObjective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
+        trial.set_user_attr(WORKER_ATTR, this_worker())  # first: a dead worker's trial is found by it
         close_stale_runs(trial.study, self.tracker)
         params = {name: param.suggest(trial) for name, param in self.spec.search_space.items()}
         output_dir = self.output_root / self.spec.name / f"trial-{trial.number}"
         trial.set_user_attr("output_dir", str(output_dir))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        position = self._position(trial)
+        if self.target is not None and position > self.target:
+            # other processes used the budget while this one asked for a trial: keep it for later
+            requeue(trial.study, trial, SURPLUS, "not run: the budget was used by other workers")
+            stop_optimizing(trial.study)
+            raise SurplusTrial(f"trial {trial.number} is beyond the budget of {self.target}")
+        if self.progress is not None:
+            self.progress.started(trial.number, position, params)
 
         run = None
         status, error = "FAILED", None
+        outcome, value, detail = "failed", None, ""
         try:
             try:
                 config = self.spec.build_config(
@@ -158,24 +204,74 @@ class StudyObjective:
                 raise
             run = self.tracker.start_trial(self.parent_run_id, trial.number, params, config)
             value = self._run_trial(trial, config, run)
-            status = "FINISHED"
+            status, outcome = "FINISHED", "complete"
             return value
         except optuna.TrialPruned:
-            status = "KILLED"
+            status, outcome = "KILLED", "pruned"
             if run is not None:
                 run.set_tags({"pruned": "true"})
             raise
         except Exception as failure:
             error = error_text(failure)
-            trial.set_user_attr("error", error)
+            kind = classify(failure)
             release_accelerator_memory()
+            if kind == SETTING:
+                trial.set_user_attr("error", error)
+                trial.set_user_attr(KIND_ATTR, SETTING)
+                outcome, detail = "failed (counts against the budget)", error
+            else:
+                # not the settings' fault: retried on the next run; this worker stops, since the cause
+                # (missing weights or data, memory) is not going away by itself
+                requeue(trial.study, trial, kind, error)
+                stop_optimizing(trial.study)
+                self.stop_reason = error
+                outcome, detail = f"failed ({kind}, not counted; re-queued for the next run)", error
             raise
         except BaseException as interrupt:  # KeyboardInterrupt, SystemExit: the worker is stopping
-            status, error = "KILLED", error_text(interrupt)
+            status, error = "KILLED", error_text(interrupt) or type(interrupt).__name__
+            with contextlib.suppress(Exception):  # the interrupt must get through whatever happens
+                requeue(trial.study, trial, INTERRUPTED, f"interrupted: {error}")
+            outcome = "interrupted (re-queued with the same settings for the next run)"
             raise
         finally:
             if run is not None:
                 run.end(status, error=error)
+            if self.progress is not None:
+                with contextlib.suppress(Exception):  # a progress line must never change the outcome
+                    self._report(trial, outcome, value, detail)
+
+    def _position(self, trial: Any) -> int:
+        """1-based position of ``trial`` in the budget: the counted trials numbered before it, plus one."""
+        trials = trial.study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        earlier = sum(
+            counts_against_budget(t, retried, count_running=True) for t in trials if t.number < trial.number
+        )
+        return earlier + 1
+
+    def _report(self, trial: Any, outcome: str, value: float | None, detail: str) -> None:
+        assert self.progress is not None
+        from optuna.trial import TrialState
+
+        trials = trial.study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        if outcome == "complete" and value is not None:
+            complete.append(_Finished(trial.number, value))
+        best = None
+        if complete:
+            pick = max if self.spec.objective.direction == "maximize" else min
+            top = pick(complete, key=lambda t: t.value)
+            best = (float(top.value), int(top.number))
+        used = sum(counts_against_budget(t, retried, count_running=False) for t in trials)
+        self.progress.finished(
+            trial.number,
+            value=value,
+            outcome=outcome,
+            best=best,
+            used=used + (outcome == "complete"),
+            detail=detail,
+        )
 
     def _run_trial(self, trial: Any, config: Any, run: Any) -> float:
         import optuna

@@ -37,6 +37,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import math
 import re
@@ -82,6 +83,17 @@ RESERVED_SETTINGS = ("output_dir", "dataset")
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 Scalar = None | bool | int | float | str
+
+
+def check_study_name(name: str) -> str:
+    """A study name is one path component (it names a journal file, an output folder, MLflow runs):
+    anything with a separator, ``..`` or a leading dot could point outside those folders."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"study name {name!r} is not usable: use letters, digits, '_', '.' or '-', starting with a "
+            "letter or digit (it names a file and folders, so '/', '\\' and '..' are refused)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -309,10 +321,10 @@ def parse_study_spec(data: Any, *, source: str = "<study>") -> StudySpec:
     sections = run_config_sections()
 
     name = data.get("name")
-    if not isinstance(name, str) or not STUDY_NAME.match(name):
-        raise ConfigError(
-            f"{source}: name must be letters, digits, '_', '.' or '-' (it names folders), got {name!r}"
-        )
+    try:
+        check_study_name(name)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: name: {error}") from None
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise ConfigError(f"{source}: description must be text")
@@ -324,6 +336,11 @@ def parse_study_spec(data: Any, *, source: str = "<study>") -> StudySpec:
     if clash:
         raise ConfigError(f"{source}: {', '.join(clash)} is both fixed and searched; keep one")
     sampler = _parse_sampler(data.get("sampler"), source)
+    if not search_space:
+        raise ConfigError(
+            f"{source}: search_space is empty, so every trial would run the same settings; add a parameter "
+            "to search, or use `harness run --config ...` for a single run"
+        )
     objective = _parse_objective(data.get("objective"), source)
     pruning = _parse_pruning(data.get("pruning"), source)
     if pruning.enabled and objective.metric != PRUNABLE_METRIC:
@@ -578,10 +595,26 @@ def _parse_objective(data: Any, source: str) -> ObjectiveSpec:
     metric = data.get("metric", ObjectiveSpec.metric)
     if not isinstance(metric, str) or not metric:
         raise ConfigError(f"{source}: objective.metric must be a metric name such as J&F-Mean")
+    known = objective_metrics()
+    if metric not in known:
+        close = difflib.get_close_matches(metric, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"{source}: objective.metric {metric!r} is not a metric the evaluation computes{hint}; "
+            f"known: {', '.join(known)}"
+        )
     direction = data.get("direction", ObjectiveSpec.direction)
     if direction not in DIRECTIONS:
         raise ConfigError(f"{source}: objective.direction must be maximize or minimize, got {direction!r}")
     return ObjectiveSpec(metric=metric, direction=direction)
+
+
+def objective_metrics() -> list[str]:
+    """The columns of the evaluation's global results (``J&F-Mean``, ``J-Mean``, ...): the only names an
+    objective can use, since each trial's value is read from them."""
+    from harness.evaluation import GLOBAL_COLUMNS
+
+    return list(GLOBAL_COLUMNS)
 
 
 def _parse_pruning(data: Any, source: str) -> PruningSpec:
