@@ -109,10 +109,12 @@ def _check_dataset(spec: StudySpec, report: PreflightReport) -> list[tuple[int, 
     try:
         dataset = open_dataset(root, spec.dataset.split, sequences, spec.dataset.resolution)
     except DataError as error:
-        fix = f"download DAVIS-2017 with `{DAVIS_DOWNLOAD.format(root=spec.dataset.root)}`"
+        # a missing root's error already names the command that creates it (open_dataset's hint)
+        message = str(error)
         if root.is_dir():
-            fix += f", or check that {root} holds the split {spec.dataset.split!r}"
-        report.problems.append(Problem("data", f"{error}; {fix}"))
+            download = DAVIS_DOWNLOAD.format(root=spec.dataset.root)
+            message += f"; check that {root} holds the split {spec.dataset.split!r} (or run `{download}`)"
+        report.problems.append(Problem("data", message))
         return []
     sizes = []
     for sequence in dataset.sequences:
