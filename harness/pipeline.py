@@ -31,7 +31,7 @@ from harness.features import (
     extract_sequence_features,
     frame_identity,
 )
-from harness.frames import load_network_inputs, network_input_size
+from harness.frames import load_network_inputs, network_input_size, preprocessing_tag
 from harness.propagation import propagate_sequence
 
 
@@ -142,17 +142,21 @@ def predict_sequence(
     out_dir: Path,
     palette: list[int],
     cache: FeatureCache | None,
+    layout: str = "davis",
 ) -> dict[str, float]:
     """Write the predicted masks of one sequence into ``out_dir``; returns timings in seconds."""
     width, height = sequence.frame_size()
-    input_size = network_input_size(width, height, config.input.short_side, backbone.size_multiple)
+    input_size = network_input_size(
+        width, height, config.input.short_side, backbone.size_multiple, layout=layout
+    )
     spec = config.backbone
 
     started = time.perf_counter()
-    frame_ids = [frame_identity(path) for path in sequence.frames]
+    tag = preprocessing_tag(layout)
+    frame_ids = [f"{frame_identity(path)}/{tag}" for path in sequence.frames]
 
     def load_frames(indices: list[int]) -> torch.Tensor:
-        return load_network_inputs([sequence.frames[i] for i in indices], input_size)
+        return load_network_inputs([sequence.frames[i] for i in indices], input_size, layout)
 
     features = extract_sequence_features(
         backbone,
@@ -259,6 +263,7 @@ def run(
                 out_dir=staging,
                 palette=dataset.palette,
                 cache=cache,
+                layout=dataset.layout,
             )
             scores = None
             if evaluate:
