@@ -55,6 +55,8 @@ class Backbone(ABC):
     num_train_timesteps: int = 1000
     default_timestep: int = 0
     default_layer: LayerKey = 0
+    #: noise draws averaged per frame when the run config leaves ``backbone.ensemble_size`` null
+    default_ensemble_size: int = 1
     #: the network input size must be a multiple of this
     size_multiple: int = 32
 
@@ -98,6 +100,13 @@ class Backbone(ABC):
         names = ", ".join(str(k) for k in available)
         raise ConfigError(f"backbone {self.name!r} has no layer {layer!r}; available layers: {names}")
 
+    def resolve_ensemble_size(self, ensemble_size: int | None) -> int:
+        """``ensemble_size``, or the backbone's published default when it is None."""
+        size = self.default_ensemble_size if ensemble_size is None else ensemble_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"ensemble size must be a positive integer, got {size!r}")
+        return size
+
     def check_timestep(self, timestep: int) -> int:
         if not isinstance(timestep, int) or isinstance(timestep, bool):
             raise ConfigError(f"time step must be an integer, got {timestep!r}")
@@ -113,6 +122,7 @@ class Backbone(ABC):
             "name": self.name,
             "default_timestep": self.default_timestep,
             "default_layer": self.default_layer,
+            "default_ensemble_size": self.default_ensemble_size,
             "layers": [
                 {"layer": info.key, "channels": info.channels, "stride": info.stride}
                 for info in self.layers().values()

@@ -466,8 +466,10 @@ class StableDiffusionBackbone(Backbone):
     """Decoder features of a Stable Diffusion UNet at one noise level, with the empty prompt."""
 
     name = "sd"
+    # the released SD setting, diff-zvos src/config/eval.yaml:11 (t 100), :12 (8 noise draws), :18 (layer 9)
     default_timestep = 100
     default_layer: LayerKey = 9
+    default_ensemble_size = 8
 
     def __init__(
         self,
@@ -478,6 +480,7 @@ class StableDiffusionBackbone(Backbone):
         device: torch.device = _CPU,
         dtype: str = "fp32",
         channels_last: bool = False,
+        default_ensemble_size: int | None = None,
     ) -> None:
         if dtype not in _DTYPES:
             raise ConfigError(f"backbone {name!r}: dtype {dtype!r} is not one of fp32, fp16, bf16")
@@ -507,6 +510,8 @@ class StableDiffusionBackbone(Backbone):
         self.default_layer = default_sd_layer(self.unet.config)
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config["block_out_channels"]) - 1)
         self.default_timestep = min(StableDiffusionBackbone.default_timestep, self.num_train_timesteps - 1)
+        if default_ensemble_size is not None:
+            self.default_ensemble_size = self.resolve_ensemble_size(default_ensemble_size)
         architecture = _config_digest(self.unet.config, self.vae.config)
         self._identity = f"{identity}/{FEATURE_VERSION}/arch={architecture}"
         if self.autocast_dtype is not None:
@@ -665,6 +670,7 @@ def _static_description(
         "name": name,
         "default_timestep": StableDiffusionBackbone.default_timestep,
         "default_layer": default_sd_layer(unet_config),
+        "default_ensemble_size": StableDiffusionBackbone.default_ensemble_size if name != "sd-tiny" else 1,
         "layers": [{"layer": i.key, "channels": i.channels, "stride": i.stride} for i in table.values()],
         "weights": weights,
     }
@@ -746,7 +752,12 @@ def load_tiny_sd(
     init_seed = int(options.pop("init_seed", 0))  # type: ignore[call-overload]
     components = build_tiny_components(init_seed)
     return StableDiffusionBackbone(
-        components, name="sd-tiny", identity=f"sd-tiny/init_seed={init_seed}", device=device, **options
+        components,
+        name="sd-tiny",
+        identity=f"sd-tiny/init_seed={init_seed}",
+        device=device,
+        default_ensemble_size=1,  # a smoke model: one noise draw keeps it quick
+        **options,
     )
 
 

@@ -35,7 +35,8 @@ class BackboneConfig:
     layer: int | str | None = None
     #: more layers to extract in the same forward pass and cache (a layer sweep lists all its layers)
     prefetch_layers: list[int | str] | None = None
-    ensemble_size: int = 1
+    #: noise draws averaged per frame; None = the backbone's published default (ADM and SD: 8)
+    ensemble_size: int | None = None
     seed: int = 0
     batch_size: int = 8
     device: str | None = None
@@ -43,7 +44,7 @@ class BackboneConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.ensemble_size < 1:
+        if self.ensemble_size is not None and self.ensemble_size < 1:
             raise ConfigError(f"backbone.ensemble_size must be >= 1, got {self.ensemble_size}")
         if self.batch_size < 1:
             raise ConfigError(f"backbone.batch_size must be >= 1, got {self.batch_size}")

@@ -168,7 +168,7 @@ def predict_sequence(
         layers=_layers_to_extract(
             backbone, layer, spec.prefetch_layers, num_frames=len(sequence.frames), input_size=input_size
         ),
-        ensemble_size=spec.ensemble_size,
+        ensemble_size=backbone.resolve_ensemble_size(spec.ensemble_size),
         seed=spec.seed,
         batch_size=spec.batch_size,
         dtype=spec.dtype,
@@ -294,7 +294,12 @@ def run(
         metrics = dict(evaluation.global_metrics)
     submission = None if evaluate else _write_submission_zip(predictions, output_dir, dataset)
     resolved = config.to_dict() | {
-        "resolved": {"timestep": timestep, "layer": layer, "backbone": backbone.identity()}
+        "resolved": {
+            "timestep": timestep,
+            "layer": layer,
+            "ensemble_size": backbone.resolve_ensemble_size(config.backbone.ensemble_size),
+            "backbone": backbone.identity(),
+        }
     }
     (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     timings["total"] = time.perf_counter() - started

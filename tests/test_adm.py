@@ -556,3 +556,23 @@ def test_bf16_autocast_is_close_to_fp32(tiny: ADMBackbone, frames: torch.Tensor)
     full = _extract(tiny, frames[:1], ensemble_size=1)[2].flatten()
     assert low.dtype == torch.float32
     assert F.cosine_similarity(low, full, dim=0) > 0.99
+
+
+# -- published defaults ---------------------------------------------------------------------------
+
+
+def test_official_adm_declares_the_papers_setting_without_loading_weights(tmp_path: Path) -> None:
+    backbone = load_backbone("adm", device="cpu", weights_dir=str(tmp_path))
+    # diff-zvos docs/EVALUATION.md:36 (t 30, layer 6) and src/config/eval.yaml:12 (8 noise draws)
+    assert (backbone.default_timestep, backbone.default_layer, backbone.default_ensemble_size) == (30, 6, 8)
+    assert backbone.resolve_ensemble_size(None) == 8
+    assert backbone.resolve_ensemble_size(3) == 3
+    assert backbone.describe()["default_ensemble_size"] == 8
+    with pytest.raises(ConfigError, match="positive integer"):
+        backbone.resolve_ensemble_size(0)
+    assert not (tmp_path / adm.OFFICIAL_FILENAME).exists()  # nothing was downloaded or read
+
+
+def test_tiny_adm_defaults_to_one_draw_and_the_option_overrides_it() -> None:
+    assert load_backbone("adm-tiny", device="cpu").default_ensemble_size == 1
+    assert load_backbone("adm-tiny", device="cpu", default_ensemble_size=2).resolve_ensemble_size(None) == 2

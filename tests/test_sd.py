@@ -480,3 +480,17 @@ def test_sd_tiny_is_built_in_memory_and_reproducible() -> None:
     info = first.layers()[layer]
     assert a.shape == (1, info.channels, 16 // info.stride, 24 // info.stride)
     assert torch.equal(a, b)
+
+
+def test_published_defaults_t100_layer9_ensemble8() -> None:
+    # diff-zvos src/config/eval.yaml:11 (t 100), :12 (ensemble 8), :18 (layer 9); documented for SD 2.1
+    for name in ("sd2.1", "sd1.5", "sd"):
+        static = backbones.describe_backbone(name)
+        assert (static["default_timestep"], static["default_layer"], static["default_ensemble_size"]) == (
+            100,
+            9,
+            8,
+        )
+    tiny = load_backbone("sd-tiny", device="cpu")
+    assert tiny.default_ensemble_size == 1 == backbones.describe_backbone("sd-tiny")["default_ensemble_size"]
+    assert tiny.resolve_ensemble_size(None) == 1 and tiny.resolve_ensemble_size(4) == 4
