@@ -42,7 +42,8 @@ _IMPLEMENTATION_VERSION = 1
 #: command keeps
 PAPER_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 6, "default_ensemble_size": 8}
 #: the smoke model: one noise draw keeps it quick (it has no published setting)
-TINY_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 2, "default_ensemble_size": 1}
+#: layer 4 is its first stride-8 block at the level-3 width, where layer 6 sits in the official model
+TINY_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 4, "default_ensemble_size": 1}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HASH_CHUNK = 1 << 22
@@ -419,5 +420,5 @@ def official_adm(
 def tiny_adm(
     weights: str | None = None, device: torch.device | str = "cpu", **options: object
 ) -> ADMBackbone:
-    """A toy ADM with random weights; layer 2 is its first stride-2 decoder block, the analogue of layer 6."""
+    """A toy ADM with random weights; layer 4 (stride 8) is the analogue of the official layer 6."""
     return _build(ADM_TINY, "adm-tiny", dict(TINY_ADM_DEFAULTS), weights, device, options)

@@ -372,6 +372,13 @@ def tiny_vae_config(levels: int = 2) -> dict[str, Any]:
     }
 
 
+#: the smoke model ``sd-tiny``: SD's layout in miniature. The VAE downsamples by 8 and the UNet has four
+#: levels with cross attention in all but the coarsest, i.e. at pixel strides 8, 16 and 32 as in SD, so a
+#: 480p frame runs in bounded memory (attention at a VAE stride of 2 would be 10^10 weights per head)
+SD_TINY_UNET_CHANNELS = (32, 32, 64, 64)
+SD_TINY_VAE_LEVELS = 4
+
+
 def build_tiny_components(
     init_seed: int = 0,
     *,
@@ -508,7 +515,10 @@ class StableDiffusionBackbone(Backbone):
         if set(self._layer_modules) != set(self._layers):
             raise ConfigError(f"backbone {name!r}: the UNet's up blocks do not match its config")
         self.default_layer = default_sd_layer(self.unet.config)
-        self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config["block_out_channels"]) - 1)
+        # Only the VAE needs whole multiples: diffusers' UNet passes its up blocks the skip sizes when the
+        # latent is not a multiple of its own downsampling (60x104 latents of 480x832 frames), as the
+        # released code runs SD (diff-zvos src/model/sd_feature_extractor.py:45-51 and 140-141).
+        self.size_multiple = self.vae_scale
         self.default_timestep = min(StableDiffusionBackbone.default_timestep, self.num_train_timesteps - 1)
         if default_ensemble_size is not None:
             self.default_ensemble_size = self.resolve_ensemble_size(default_ensemble_size)
@@ -750,7 +760,9 @@ def load_tiny_sd(
     del weights  # nothing to load
     _check_options("sd-tiny", options, (*_COMMON_OPTIONS, "init_seed"))
     init_seed = int(options.pop("init_seed", 0))  # type: ignore[call-overload]
-    components = build_tiny_components(init_seed)
+    components = build_tiny_components(
+        init_seed, block_out_channels=SD_TINY_UNET_CHANNELS, vae_levels=SD_TINY_VAE_LEVELS
+    )
     return StableDiffusionBackbone(
         components,
         name="sd-tiny",
@@ -765,5 +777,8 @@ load_any_sd.describe_static = lambda: _static_description(  # type: ignore[attr-
     "sd", SD_UNET_LAYOUT, SD_VAE_SCALE, "option model=<hub repo id or folder>, or weights=<folder>"
 )
 load_tiny_sd.describe_static = lambda: _static_description(  # type: ignore[attr-defined]
-    "sd-tiny", tiny_unet_config(), vae_downsampling(tiny_vae_config()), "none (random, built in memory)"
+    "sd-tiny",
+    tiny_unet_config(SD_TINY_UNET_CHANNELS),
+    vae_downsampling(tiny_vae_config(SD_TINY_VAE_LEVELS)),
+    "none (random, built in memory)",
 )
