@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,15 @@ import torch
 
 from backbones import register
 from backbones.adm_unet import ADM_256_UNCOND, ADM_TINY, ADMConfig, ADMUNet
-from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator, linear_alphas_cumprod
+from backbones.base import (
+    FLOAT32_BYTES,
+    Backbone,
+    LayerInfo,
+    LayerKey,
+    MemoryEstimate,
+    frame_generator,
+    linear_alphas_cumprod,
+)
 from backbones.errors import ConfigError, HarnessError, WeightsNotFoundError
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
@@ -86,6 +95,42 @@ def file_sha256(path: Path) -> str:
     except OSError:
         temporary.unlink(missing_ok=True)
     return hex_digest
+
+
+def _cells(height: int, width: int, rate: int) -> int:
+    return math.ceil(height / rate) * math.ceil(width / rate)
+
+
+def adm_memory_estimate(config: ADMConfig, input_size: tuple[int, int], parameters: int) -> MemoryEstimate:
+    """An upper bound of one ADM forward pass per sample, from the architecture alone.
+
+    Held at once: the noised input (with its noise and the clean frame), every encoder output kept for the
+    skip connections, and the larger of a ResBlock's temporaries at the finest level and the attention
+    weights (heads x tokens^2, three times: the product, its softmax and a contiguous copy for the second
+    product) at the finest attended level.
+    """
+    height, width = input_size
+    mc = config.model_channels
+    skips = mc * _cells(height, width, 1)
+    working = 0
+    attention = 0
+    rate = 1
+    last = len(config.channel_mult) - 1
+    for level, mult in enumerate(config.channel_mult):
+        channels = mult * mc
+        cells = _cells(height, width, rate)
+        skips += config.num_res_blocks * channels * cells
+        # a decoder ResBlock sees its input concatenated with a skip: at most 2C in, several temporaries
+        working = max(working, 8 * 2 * channels * cells)
+        if rate in config.attention_rates or level == last:
+            heads = channels // config.num_head_channels
+            attention = max(attention, 3 * heads * cells * cells + 6 * channels * cells)
+        if level != last:
+            rate *= 2
+            skips += channels * _cells(height, width, rate)
+    inputs = 3 * 3 * height * width
+    per_sample = FLOAT32_BYTES * (inputs + skips + max(working, attention))
+    return MemoryEstimate(weights=FLOAT32_BYTES * parameters, per_frame=0, per_sample=per_sample)
 
 
 def random_state_dict(config: ADMConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -176,6 +221,7 @@ class ADMBackbone(Backbone):
         #: the loaded network's decoder_features, compiled when asked for
         self._run: Callable[..., dict[int, torch.Tensor]] | None = None
         self._weights_hash: str | None = None
+        self._parameters: int | None = None
 
     # -- weights -------------------------------------------------------------------------------------
 
@@ -300,6 +346,12 @@ class ADMBackbone(Backbone):
         if self.dtype != "fp32":
             parts.append(self.dtype)  # reduced precision changes the features
         return "/".join(parts)
+
+    def estimate_memory(self, input_size: tuple[int, int], layers: list[LayerKey]) -> MemoryEstimate:
+        if self._parameters is None:
+            with torch.device("meta"):
+                self._parameters = sum(p.numel() for p in ADMUNet(self.config).parameters())
+        return adm_memory_estimate(self.config, input_size, self._parameters)
 
     def describe(self) -> dict[str, object]:
         info = super().describe()

@@ -9,6 +9,7 @@ batching.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from backbones.errors import ConfigError
 
 LayerKey = int | str
 
+FLOAT32_BYTES = 4
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -26,6 +29,23 @@ class LayerInfo:
     key: LayerKey
     channels: int
     stride: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of feature extraction, in bytes, as an upper bound (float32 activations).
+
+    ``weights`` stay for the whole run; ``per_frame`` is work done once per frame whatever the ensemble
+    (SD's VAE encoding); ``per_sample`` is one noise draw's forward pass (held at once for a whole batch).
+    """
+
+    weights: int
+    per_frame: int
+    per_sample: int
+
+    def peak(self, frames: int, ensemble_size: int) -> int:
+        """Bytes needed to extract ``frames`` frames of ``ensemble_size`` draws in one pass."""
+        return self.weights + frames * self.per_frame + frames * ensemble_size * self.per_sample
 
 
 def frame_generator(
@@ -106,6 +126,20 @@ class Backbone(ABC):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"ensemble size must be a positive integer, got {size!r}")
         return size
+
+    def estimate_memory(self, input_size: tuple[int, int], layers: list[LayerKey]) -> MemoryEstimate:
+        """An upper bound of the memory that extracting ``layers`` at ``input_size`` = (H, W) takes.
+
+        The generic bound counts every decoder layer's output a few times over (skip connections, a block's
+        temporaries); backbones with attention or large weights override it.
+        """
+        height, width = input_size
+        table = self.layers()
+        activations = sum(
+            info.channels * math.ceil(height / info.stride) * math.ceil(width / info.stride)
+            for info in table.values()
+        )
+        return MemoryEstimate(weights=0, per_frame=0, per_sample=4 * FLOAT32_BYTES * activations)
 
     def check_timestep(self, timestep: int) -> int:
         if not isinstance(timestep, int) or isinstance(timestep, bool):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from backbones import register
-from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator
+from backbones.base import FLOAT32_BYTES, Backbone, LayerInfo, LayerKey, MemoryEstimate, frame_generator
 from backbones.errors import ConfigError, WeightsNotFoundError
 
 #: bump when the feature definition changes, so that cached features are not reused
@@ -137,6 +138,64 @@ def default_sd_layer(unet_config: Mapping[str, Any]) -> int:
     num_blocks = len(unet_config["block_out_channels"])
     resnets_per_block = [n + 1 for n in reversed(_per_block(unet_config["layers_per_block"], num_blocks))]
     return sum(resnets_per_block[:-1])
+
+
+def _cells(height: int, width: int, rate: int) -> int:
+    """Positions of a map downsampled ``rate`` times by stride-2 convs (each rounds up)."""
+    for _ in range(max(rate.bit_length() - 1, 0)):
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    return height * width
+
+
+def sd_memory_estimate(
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    input_size: tuple[int, int],
+    parameters: int,
+    *,
+    materialised_attention: bool = False,
+) -> MemoryEstimate:
+    """An upper bound of SD feature extraction, from the configs alone.
+
+    Per frame: the VAE encoder's temporaries at full resolution and its attention over the latent.
+    Per sample (noise draw): the UNet's skip connections, and the larger of a block's temporaries and the
+    attention temporaries at the finest attended level. diffusers attends with scaled_dot_product_attention,
+    whose fused CPU and CUDA kernels never hold the tokens^2 weights; ``materialised_attention`` counts them
+    (heads x tokens^2, twice) for the math fallback.
+    """
+    height, width = input_size
+    vae_scale = vae_downsampling(vae_config)
+    vae_channels = list(vae_config["block_out_channels"])
+    latent_h, latent_w = math.ceil(height / vae_scale), math.ceil(width / vae_scale)
+    latent_cells = latent_h * latent_w
+    # the encoder's first level runs at full resolution with its widest temporaries there
+    attention_map = 2 * latent_cells * latent_cells if materialised_attention else 0
+    per_frame = 8 * vae_channels[0] * height * width + attention_map
+
+    channels = list(unet_config["block_out_channels"])
+    levels = len(channels)
+    layers = _per_block(unet_config["layers_per_block"], levels)
+    heads_setting = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim") or 8
+    heads = _per_block(heads_setting, levels)
+    attended = [kind.startswith("CrossAttn") for kind in unet_config["down_block_types"]]
+    skips = channels[0] * latent_cells
+    working = attention = 0
+    for level in range(levels):
+        cells = _cells(latent_h, latent_w, 2**level)
+        skips += layers[level] * channels[level] * cells
+        if level < levels - 1:
+            skips += channels[level] * _cells(latent_h, latent_w, 2 ** (level + 1))
+        working = max(working, 8 * 2 * channels[level] * cells)
+        if attended[level] or level == levels - 1:  # the mid block attends at the coarsest level
+            weights = 2 * heads[level] * cells * cells if materialised_attention else 0
+            attention = max(attention, weights + 12 * channels[level] * cells)
+    inputs = 4 * 4 * latent_cells  # latent draw, noise, noised latent, a copy
+    per_sample = inputs + skips + max(working, attention)
+    return MemoryEstimate(
+        weights=FLOAT32_BYTES * parameters,
+        per_frame=FLOAT32_BYTES * per_frame,
+        per_sample=FLOAT32_BYTES * per_sample,
+    )
 
 
 def decoder_modules(unet: nn.Module) -> dict[LayerKey, nn.Module]:
@@ -535,6 +594,12 @@ class StableDiffusionBackbone(Backbone):
 
     def identity(self) -> str:
         return self._identity
+
+    def estimate_memory(self, input_size: tuple[int, int], layers: list[LayerKey]) -> MemoryEstimate:
+        parameters = sum(
+            p.numel() for module in (self.unet, self.vae, self.text_encoder) for p in module.parameters()
+        )
+        return sd_memory_estimate(self.unet.config, self.vae.config, input_size, parameters)
 
     def empty_prompt_embedding(self) -> torch.Tensor:
         """(1, L, D) text-encoder output for "" padded to the tokenizer's max length; computed once."""

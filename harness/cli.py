@@ -114,6 +114,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from harness.reproduce import main_from_args
+
+    return main_from_args(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench.runner import main as bench_main
 
@@ -174,6 +180,17 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard.add_argument("--experiment", default="diffvos")
     leaderboard.add_argument("--out", default="results")
     leaderboard.set_defaults(func=cmd_leaderboard)
+
+    reproduce = sub.add_parser(
+        "reproduce", help="run a published system with its released settings; compare J&F with the paper"
+    )
+    reproduce.add_argument("system", nargs="?", help="e.g. paper-adm, dift-sd21 (see --list)")
+    reproduce.add_argument("--list", action="store_true", help="the systems, published J&F, weights needed")
+    reproduce.add_argument("--dry-run", action="store_true", help="print the resolved configuration only")
+    reproduce.add_argument("--dataset", help="DAVIS-2017 root (default data/DAVIS)")
+    reproduce.add_argument("--output", help="output folder (default runs/reproduce/<system>)")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.set_defaults(func=cmd_reproduce)
 
     bench = sub.add_parser("bench", help="benchmarks (see results/benchmarks/README.md)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

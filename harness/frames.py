@@ -27,6 +27,7 @@ import torch
 
 from harness.data.masks import read_frame
 from harness.errors import ConfigError
+from harness.features.cache import frame_identity
 
 #: the layouts with a released resize rule
 LAYOUTS = ("davis", "mose")
@@ -96,6 +97,11 @@ def network_input_size(
 def preprocessing_tag(layout: str) -> str:
     """Appended to a frame's content hash in feature-cache keys: other pixels must not reuse features."""
     return f"{PREPROCESSING_VERSION}/{resize_rule(layout).layout}"
+
+
+def frame_cache_id(path: Path, layout: str = "davis") -> str:
+    """The frame part of a feature-cache key: the file's content hash and how it was pre-processed."""
+    return f"{frame_identity(path)}/{preprocessing_tag(layout)}"
 
 
 def resize_frame(rgb: np.ndarray, size: tuple[int, int], layout: str = "davis") -> np.ndarray:

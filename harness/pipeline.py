@@ -29,9 +29,9 @@ from harness.features import (
     FeatureCache,
     default_cache_dir,
     extract_sequence_features,
-    frame_identity,
 )
-from harness.frames import load_network_inputs, network_input_size, preprocessing_tag
+from harness.frames import frame_cache_id, load_network_inputs, network_input_size
+from harness.memory_check import check_run_memory
 from harness.propagation import propagate_sequence
 
 
@@ -152,8 +152,7 @@ def predict_sequence(
     spec = config.backbone
 
     started = time.perf_counter()
-    tag = preprocessing_tag(layout)
-    frame_ids = [f"{frame_identity(path)}/{tag}" for path in sequence.frames]
+    frame_ids = [frame_cache_id(path, layout) for path in sequence.frames]
 
     def load_frames(indices: list[int]) -> torch.Tensor:
         return load_network_inputs([sequence.frames[i] for i in indices], input_size, layout)
@@ -242,6 +241,7 @@ def run(
     layer = backbone.resolve_layer(
         config.backbone.layer if config.backbone.layer is not None else backbone.default_layer
     )
+    check_run_memory(config, dataset, backbone, layer)
     if cache is None:
         cache = build_cache(config)
     loaded = time.perf_counter()

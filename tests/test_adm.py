@@ -56,7 +56,7 @@ OFFICIAL_SPOT_SHAPES = {
     "output_blocks.17.0.skip_connection.weight": (256, 512, 1, 1),
     "out.2.weight": (6, 256, 3, 3),
 }
-SIZE = 32  # tiny-model test frames are SIZE x SIZE (a multiple of the tiny size_multiple 32)
+SIZE = 64  # tiny-model test frames are SIZE x SIZE (a multiple of the tiny size_multiple 32)
 
 
 def _meta_net(config: ADMConfig) -> ADMUNet:

@@ -133,3 +133,14 @@ def test_frames_already_at_size_are_not_resampled(tmp_path: Path) -> None:
     expected = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
     assert torch.equal(ours, (expected - 0.5) / 0.5)
     assert ours.min() >= -1 and ours.max() <= 1
+
+
+def test_cache_ids_name_the_preprocessing(tmp_path: Path) -> None:
+    """Features computed from other pixels (PIL before, another layout's rule) must not be reused."""
+    from harness.features import frame_identity
+    from harness.frames import PREPROCESSING_VERSION, frame_cache_id
+
+    path, _ = _frame(tmp_path, 64, 32, seed=3)
+    davis, mose = frame_cache_id(path), frame_cache_id(path, "mose")
+    assert davis.startswith(frame_identity(path)) and PREPROCESSING_VERSION in davis
+    assert davis != mose and davis != frame_identity(path)
