@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from harness.errors import ConfigError
-from harness.propagation import PropagationSettings
+from harness.methods import DEFAULT_METHOD, get_method
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -72,11 +72,58 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MethodConfig:
+    """The ``method:`` section: a registered method's name and its settings dataclass.
+
+    In YAML and in ``to_dict`` it is one flat mapping, ``{name: labelprop, temperature: 0.2, ...}``; the keys
+    besides ``name`` are the method's settings, so studies address them as ``method.<setting>``.
+    """
+
+    name: str = DEFAULT_METHOD
+    settings: Any = None
+
+    def __post_init__(self) -> None:
+        settings_class = get_method(self.name).settings_class
+        if self.settings is None:
+            object.__setattr__(self, "settings", settings_class())
+        elif not isinstance(self.settings, settings_class):
+            raise ConfigError(
+                f"method {self.name!r} takes {settings_class.__name__} settings, "
+                f"got {type(self.settings).__name__}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "method") -> MethodConfig:
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+        settings = dict(data)
+        name = settings.pop("name", DEFAULT_METHOD)
+        method = get_method(name)
+        known = {item.name for item in dataclasses.fields(method.settings_class)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(f'{where}.{key}' for key in unknown)} for method {name!r}; "
+                f"its settings: name, {', '.join(sorted(known))}"
+            )
+        try:
+            built = _build(method.settings_class, settings, where)
+        except ConfigError as error:
+            raise ConfigError(f"method {name!r}: {error}") from error
+        return cls(name, built)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     input: InputConfig = field(default_factory=InputConfig)
-    propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    method: MethodConfig = field(default_factory=MethodConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     output_dir: str = "runs/default"
     #: evaluate against the ground truth when every frame is annotated
@@ -104,30 +151,50 @@ class RunConfig:
             raise ConfigError(f"{path}: {error}") from error
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            name: value.to_dict() if isinstance(value, MethodConfig) else _plain(value)
+            for name, value in data.items()
+        }
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
         """A copy with dotted-key overrides applied, e.g. {"backbone.timestep": 50}."""
         data = self.to_dict()
+        new_method = overrides.get("method.name", self.method.name)
+        if new_method != self.method.name:  # another method: its own defaults, then the method.* overrides
+            data["method"] = {"name": new_method}
         for dotted, value in overrides.items():
+            if dotted.split(".")[0] == "propagation":
+                raise ConfigError(f"{dotted!r}: the 'propagation' section is now 'method' (method.<setting>)")
             node = data
             *parents, leaf = dotted.split(".")
             for part in parents:
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"unknown setting {dotted!r}")
                 node = node[part]
-            if leaf not in node:
+            if leaf not in node and not (parents == ["method"] and leaf != "name"):
                 raise ConfigError(f"unknown setting {dotted!r}")
             node[leaf] = value
         return RunConfig.from_dict(data)
 
 
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Instantiate a (nested) frozen dataclass from plain data, rejecting unknown keys and bad types."""
+    if cls is MethodConfig:
+        return MethodConfig.from_dict(data, where)
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    if cls is RunConfig and "propagation" in data:
+        raise ConfigError(
+            "the 'propagation:' section is now 'method:' (e.g. method: {name: labelprop, temperature: 0.2}); "
+            "in studies and --set use method.<setting>"
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)

@@ -4,10 +4,11 @@ Columns, in order: ``rank`` (1 = best J&F-Mean), ``study``, ``trial``, the run's
 metrics under their proper names (``J&F-Mean``, ``J-Mean``, ...), per-sequence ``jf/<sequence>``,
 ``run_id`` and ``duration_s``.
 
-Param columns get short names: the section prefix of ``backbone.*``, ``propagation.*`` and ``resolved.*``
-settings is dropped (``propagation.top_k`` -> ``top_k``, ``backbone.name`` -> ``backbone``), and the
-resolved time step and layer (what the run really used) own the names ``timestep`` and ``layer``; a short
-name two params would share keeps the full dotted names instead. Other settings keep their dotted name.
+Param columns get short names: the section prefix of ``backbone.*``, ``method.*`` and ``resolved.*``
+settings is dropped (``method.topk`` -> ``topk``, ``backbone.name`` -> ``backbone``, ``method.name`` ->
+``method``), and the resolved time step and layer (what the run really used) own the names ``timestep``
+and ``layer``; a short name two params would share keeps the full dotted names instead. Other settings
+keep their dotted name.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ METRIC_COLUMNS: dict[str, str] = dict(METRIC_NAMES)
 LEAD_COLUMNS = ("rank", "study", "trial")
 TRAIL_COLUMNS = ("run_id", "duration_s")
 SEQUENCE_PREFIX = "jf/"
-SHORTENED_SECTIONS = ("backbone", "propagation", "resolved")
+SHORTENED_SECTIONS = ("backbone", "method", "resolved")
 #: params shown in the Markdown table even when they do not vary
 KEY_PARAMS = ("backbone", "timestep", "layer")
 MARKDOWN_METRICS = ("J&F-Mean", "J-Mean", "F-Mean")

@@ -26,7 +26,7 @@ from harness.frames import network_input_size
 
 #: the largest accepted ``input.short_side``: 4K frames (2160 rows) at full size
 MAX_SHORT_SIDE = 2160
-#: the propagation's windowed affinity work is planned to stay under this (harness.propagation.affinity)
+#: the propagation's windowed affinity work is planned to stay under this (harness.methods.labelprop.affinity)
 PROPAGATION_WORKING_BYTES = 256 * 2**20
 #: a margin for what is not counted (the interpreter, libraries, allocator slack)
 OVERHEAD_BYTES = 512 * 2**20
@@ -110,7 +110,8 @@ def estimate_run_memory(
     ensemble = backbone.resolve_ensemble_size(config.backbone.ensemble_size)
     on_gpu = backbone.device.type == "cuda"
     frames_per_pass = 1 if on_gpu else config.backbone.batch_size
-    slots = 1 + config.propagation.n_last_frames
+    # a method without a frame memory (none besides labelprop here) keeps the first frame only
+    slots = 1 + int(getattr(config.method.settings, "n_last_frames", 0))
     worst: RunMemoryEstimate | None = None
     for sequence in dataset.sequences:
         width, height = sequence.frame_size()
@@ -153,7 +154,7 @@ def check_run_memory(
     free = available if available is not None else available_memory(backbone.device)
     hint = (
         "lower input.short_side, backbone.batch_size or backbone.ensemble_size "
-        "(or propagation.n_last_frames), or free memory"
+        "(or method.n_last_frames), or free memory"
     )
     if estimate.host > free.host:
         raise ConfigError(

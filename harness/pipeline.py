@@ -1,5 +1,5 @@
-"""One run, end to end: dataset -> frames -> backbone features (cached) -> propagation -> masks ->
-evaluation.
+"""One run, end to end: dataset -> frames -> backbone features (cached) -> method (harness.methods, label
+propagation by default) -> masks -> evaluation.
 
 Predictions are written into a staging folder and moved into place only when the run succeeds, so a
 failed or killed run never leaves a half-written prediction folder that looks complete.
@@ -23,6 +23,7 @@ from backbones import Backbone, LayerKey, load_backbone
 from harness.config import RunConfig
 from harness.data import Dataset, Sequence, open_dataset, write_mask
 from harness.data.masks import VOID_ID
+from harness.errors import ConfigError, HarnessError
 from harness.evaluation import EvaluationResult, ObjectScores, evaluate_sequence, write_results
 from harness.features import (
     CacheStats,
@@ -32,7 +33,7 @@ from harness.features import (
 )
 from harness.frames import frame_cache_id, load_network_inputs, network_input_size
 from harness.memory_check import check_run_memory
-from harness.propagation import propagate_sequence
+from harness.methods import SequenceContext, get_method
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class SequenceOutcome:
     #: None when the sequence has no full ground truth
     scores: list[ObjectScores] | None
     seconds: dict[str, float]
+    #: the method's per-sequence diagnostics (SequenceContext.metrics)
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def jf(self) -> float | None:
@@ -69,6 +72,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
+    #: the method's per-sequence diagnostics summed over the sequences (also in ``metrics`` when scored)
+    method_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_sequence_jf(self) -> dict[str, float]:
@@ -143,37 +148,58 @@ def predict_sequence(
     palette: list[int],
     cache: FeatureCache | None,
     layout: str = "davis",
+    metrics: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Write the predicted masks of one sequence into ``out_dir``; returns timings in seconds."""
+    """Write the predicted masks of one sequence into ``out_dir`` with the configured method; returns
+    timings in seconds. The method's diagnostics are added to ``metrics`` when a dict is passed."""
     width, height = sequence.frame_size()
     input_size = network_input_size(
         width, height, config.input.short_side, backbone.size_multiple, layout=layout
     )
     spec = config.backbone
+    method = get_method(config.method.name)
 
     started = time.perf_counter()
     frame_ids = [frame_cache_id(path, layout) for path in sequence.frames]
+    device = backbone.device if backbone.device.type != "meta" else torch.device("cpu")
 
     def load_frames(indices: list[int]) -> torch.Tensor:
         return load_network_inputs([sequence.frames[i] for i in indices], input_size, layout)
 
-    features = extract_sequence_features(
-        backbone,
-        sequence=sequence.name,
-        frame_ids=frame_ids,
-        load_frames=load_frames,
-        input_size=input_size,
-        timestep=timestep,
-        layers=_layers_to_extract(
-            backbone, layer, spec.prefetch_layers, num_frames=len(sequence.frames), input_size=input_size
-        ),
-        ensemble_size=backbone.resolve_ensemble_size(spec.ensemble_size),
-        seed=spec.seed,
-        batch_size=spec.batch_size,
-        dtype=spec.dtype,
-        cache=cache,
-        progress=config.progress,
-    )[layer]
+    def extract(
+        *,
+        layer: LayerKey = layer,
+        timestep: int = timestep,
+        ensemble_size: int | None = spec.ensemble_size,
+        condition: dict | None = None,
+        prefetch: list[int | str] | None = None,
+    ) -> Callable[[int], torch.Tensor]:
+        """Features of every frame through the cache, as a frame -> (C, h, w) reader on the run's device."""
+        if condition is not None:
+            raise ConfigError(
+                "conditioned feature extraction (condition=...) is not supported by the feature cache yet"
+            )
+        resolved = backbone.resolve_layer(layer)
+        stacked = extract_sequence_features(
+            backbone,
+            sequence=sequence.name,
+            frame_ids=frame_ids,
+            load_frames=load_frames,
+            input_size=input_size,
+            timestep=timestep,
+            layers=_layers_to_extract(
+                backbone, resolved, prefetch, num_frames=len(sequence.frames), input_size=input_size
+            ),
+            ensemble_size=backbone.resolve_ensemble_size(ensemble_size),
+            seed=spec.seed,
+            batch_size=spec.batch_size,
+            dtype=spec.dtype,
+            cache=cache,
+            progress=config.progress,
+        )[resolved].to(device)
+        return stacked.__getitem__
+
+    features = extract(prefetch=spec.prefetch_layers)
     extracted = time.perf_counter()
 
     first_mask = sequence.first_mask()
@@ -184,18 +210,37 @@ def predict_sequence(
     first = first_mask.copy()
     first[first == VOID_ID] = 0
     write_mask(seq_dir / f"{names[0]}.png", first, palette)
-    device = backbone.device if backbone.device.type != "meta" else torch.device("cpu")
-    labels_iter = propagate_sequence(
-        features.to(device),
-        to_channel[first_mask],
-        len(object_ids) + 1,
-        config.propagation,
+
+    def ground_truth(index: int) -> np.ndarray:
+        return to_channel[sequence.load_mask(names[index])]
+
+    ctx = SequenceContext(
+        name=sequence.name,
+        num_frames=len(sequence.frames),
+        features=features,
+        first_labels=to_channel[first_mask],
+        num_classes=len(object_ids) + 1,
         input_size=input_size,
         output_size=(height, width),
+        ground_truth=ground_truth if sequence.fully_annotated else None,
+        device=device,
         progress=config.progress,
+        layout=layout,
+        extract_features=extract,
+        backbone=backbone,
+        load_frames=load_frames,
     )
-    for index, labels in labels_iter:
+    written = 0
+    for index, labels in method.segment_sequence(ctx, config.method.settings):
         write_mask(seq_dir / f"{names[index]}.png", to_id[labels], palette)
+        written += 1
+    if written != len(names) - 1:
+        raise HarnessError(
+            f"method {config.method.name!r} yielded {written} masks for sequence {sequence.name!r}, "
+            f"expected {len(names) - 1} (frames 1..{len(names) - 1})"
+        )
+    if metrics is not None:
+        metrics.update(ctx.metrics)
     return {"extraction": extracted - started, "propagation": time.perf_counter() - extracted}
 
 
@@ -254,6 +299,7 @@ def run(
     timings = {"setup": loaded - started, "extraction": 0.0, "propagation": 0.0, "evaluation": 0.0}
     try:
         for index, sequence in enumerate(dataset.sequences):
+            method_metrics: dict[str, float] = {}
             seconds = predict_sequence(
                 sequence,
                 backbone,
@@ -264,6 +310,7 @@ def run(
                 palette=dataset.palette,
                 cache=cache,
                 layout=dataset.layout,
+                metrics=method_metrics,
             )
             scores = None
             if evaluate:
@@ -273,7 +320,13 @@ def run(
             for key, value in seconds.items():
                 timings[key] += value
             outcome = SequenceOutcome(
-                index, sequence.name, len(sequence.frames), sequence.object_ids(), scores, seconds
+                index,
+                sequence.name,
+                len(sequence.frames),
+                sequence.object_ids(),
+                scores,
+                seconds,
+                metrics=method_metrics,
             )
             outcomes.append(outcome)
             if on_sequence is not None:
@@ -292,6 +345,12 @@ def run(
         evaluation = EvaluationResult.from_objects([s for o in outcomes for s in (o.scores or [])])
         write_results(evaluation, output_dir, dataset.split)
         metrics = dict(evaluation.global_metrics)
+    method_metrics: dict[str, float] = {}
+    for outcome in outcomes:
+        for name, value in outcome.metrics.items():
+            method_metrics[name] = method_metrics.get(name, 0.0) + float(value)
+    if metrics is not None:
+        metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     submission = None if evaluate else _write_submission_zip(predictions, output_dir, dataset)
     resolved = config.to_dict() | {
         "resolved": {
@@ -315,4 +374,5 @@ def run(
         timings=timings,
         cache_stats=cache.stats if cache is not None else None,
         submission_zip=submission,
+        method_metrics=method_metrics,
     )

@@ -33,11 +33,11 @@ PUBLISHED: dict[str, PublishedSystem] = {}
 # the state-of-the-art table in diff-zvos README.md ("DIFT-SD 70.0", "DIFT-ADM 75.7", "ADM + MAGFilter
 # 76.8"). That table has no row for SD 2.1 without prompt learning, hence no number for paper-sd21.
 _RELEASED_PROPAGATION = {
-    "propagation.temperature": 0.2,
-    "propagation.topk": 15,
-    "propagation.radius": 15,
-    "propagation.n_last_frames": 28,
-    "propagation.similarity": "cosine",
+    "method.temperature": 0.2,
+    "method.topk": 15,
+    "method.radius": 15,
+    "method.n_last_frames": 28,
+    "method.similarity": "cosine",
 }
 _DAVIS_480 = {"dataset.split": "val", "dataset.resolution": "480p", "input.short_side": 480}
 PUBLISHED.update(
@@ -88,7 +88,7 @@ PUBLISHED.update(
                 "backbone.ensemble_size": 4,
             }
             | _RELEASED_PROPAGATION
-            | {"propagation.temperature": 0.1, "propagation.topk": 10}
+            | {"method.temperature": 0.1, "method.topk": 10, "method.memory_caps": "shooting=10"}
             | _DAVIS_480,
         ),
         "dift-sd21": PublishedSystem(
@@ -104,6 +104,7 @@ PUBLISHED.update(
                 "backbone.ensemble_size": 8,
             }
             | _RELEASED_PROPAGATION
+            | {"method.memory_caps": "shooting=10"}
             | _DAVIS_480,
         ),
     }

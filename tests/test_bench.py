@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -18,20 +20,20 @@ import torch
 from backbones.adm_unet import ADM_256_UNCOND
 from backbones.base import Backbone, LayerInfo, LayerKey
 from harness.bench import propagation as bench_propagation
-from harness.bench.extraction import adm_flops
-from harness.bench.runner import (
+from harness.bench.common import (
     BenchOptions,
     format_table,
-    main,
     peak_rss_increase,
-    run_one,
     time_calls,
     time_interleaved,
 )
+from harness.bench.extraction import adm_flops
+from harness.bench.runner import main, run_one
 from harness.bench.sweep import SEARCH_SPACE, draw_trials
 from harness.errors import ConfigError, HarnessError
 from harness.features import FeatureCache, extract_sequence_features
-from harness.propagation import PropagationSettings, propagate_frame
+from harness.methods.labelprop import PropagationSettings, propagate_frame
+from harness.methods.labelprop.reference import propagate_dense
 
 # -- runner helpers --------------------------------------------------------------------------------------
 
@@ -149,6 +151,19 @@ def test_released_propagate_matches_propagate_frame(radius: int) -> None:
     )
     ours = propagate_frame(query, memory, masks, temperature=0.2, topk=6, radius=radius)
     assert (released - ours).abs().max() < 1e-5
+    reference = propagate_dense(query, memory, masks, temperature=0.2, topk=6, radius=radius)
+    assert (released - reference).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("module", ["propagation", "sweep", "evaluation", "extraction", "common"])
+def test_sub_benchmarks_import_without_the_runner(module: str) -> None:
+    """No import cycle: a sub-benchmark needs only the shared helpers, never the entry point."""
+    code = (
+        f"import sys; import harness.bench.{module}; "
+        "assert 'harness.bench.runner' not in sys.modules, 'runner imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_released_propagate_reports_the_top_k_margin_by_hand() -> None:

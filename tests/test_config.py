@@ -13,13 +13,10 @@ from harness.frames import load_network_input, network_input_size
 
 def test_defaults_are_the_papers_propagation_settings() -> None:
     config = RunConfig()
-    assert config.propagation.similarity == "cosine"
-    assert config.propagation.temperature == pytest.approx(0.2)
-    assert (config.propagation.topk, config.propagation.radius, config.propagation.n_last_frames) == (
-        15,
-        15,
-        28,
-    )
+    settings = config.method.settings
+    assert config.method.name == "labelprop"
+    assert settings.similarity == "cosine" and settings.temperature == pytest.approx(0.2)
+    assert (settings.topk, settings.radius, settings.n_last_frames, settings.filter) == (15, 15, 28, None)
     assert config.input.short_side == 480
 
 
@@ -28,13 +25,13 @@ def test_yaml_round_trip_and_nested_values(tmp_path: Path) -> None:
     path.write_text(
         "dataset: {root: /data/davis, split: val, sequences: [a, b]}\n"
         "backbone: {name: adm, timestep: 50, layer: 7, ensemble_size: 4}\n"
-        "propagation: {temperature: 0.1, topk: 10}\n"
+        "method: {temperature: 0.1, topk: 10}\n"
         "output_dir: out\n"
     )
     config = RunConfig.from_yaml(path)
     assert config.dataset.sequences == ["a", "b"]
     assert (config.backbone.name, config.backbone.timestep, config.backbone.layer) == ("adm", 50, 7)
-    assert config.propagation.topk == 10 and config.propagation.radius == 15
+    assert config.method.settings.topk == 10 and config.method.settings.radius == 15
     assert RunConfig.from_dict(config.to_dict()) == config
 
 
@@ -46,8 +43,13 @@ def test_yaml_round_trip_and_nested_values(tmp_path: Path) -> None:
         ("backbone: {timestep: fifty}\n", "backbone.timestep"),
         ("backbone: {ensemble_size: 0}\n", "ensemble_size"),
         ("backbone: {dtype: fp8}\n", "dtype"),
-        ("propagation: {similarity: dot}\n", "dot"),
-        ("propagation: {topk: 0}\n", "topk"),
+        ("method: {similarity: dot}\n", "dot"),
+        ("method: {topk: 0}\n", "topk"),
+        ("method: {tempreature: 0.1}\n", "method.tempreature for method 'labelprop'"),
+        ("method: {name: magic}\n", "unknown method 'magic'; available: .*labelprop"),
+        ("method: {filter: sieve}\n", "unknown correspondence filter 'sieve'; available: .*first-frame"),
+        ("method: [labelprop]\n", "method must be a mapping"),
+        ("propagation: {topk: 10}\n", "'propagation:' section is now 'method:'"),
         ("- just\n- a list\n", "mapping"),
         ("backbone: [1, 2\n", "YAML"),
     ],
@@ -66,11 +68,23 @@ def test_missing_file() -> None:
 
 
 def test_overrides() -> None:
-    config = RunConfig().with_overrides({"backbone.timestep": 50, "propagation.temperature": 0.1})
+    config = RunConfig().with_overrides({"backbone.timestep": 50, "method.temperature": 0.1})
     assert config.backbone.timestep == 50
-    assert config.propagation.temperature == pytest.approx(0.1)
+    assert config.method.settings.temperature == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="backbone.tmestep"):
         RunConfig().with_overrides({"backbone.tmestep": 1})
+    with pytest.raises(ConfigError, match="method.topkk for method 'labelprop'"):
+        RunConfig().with_overrides({"method.topkk": 1})
+    with pytest.raises(ConfigError, match="now 'method'"):
+        RunConfig().with_overrides({"propagation.topk": 1})
+
+
+def test_method_section_is_flat_in_dicts_and_round_trips() -> None:
+    config = RunConfig().with_overrides({"method.topk": 10, "method.filter": "first-frame"})
+    section = config.to_dict()["method"]
+    assert section["name"] == "labelprop" and section["topk"] == 10 and section["filter"] == "first-frame"
+    assert RunConfig.from_dict(config.to_dict()) == config
+    assert config.method.settings.filter == "first-frame"
 
 
 @pytest.mark.parametrize(

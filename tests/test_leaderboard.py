@@ -56,7 +56,7 @@ def trial_config(timestep: int, temperature: float, folder: Path) -> RunConfig:
     return RunConfig.from_dict({
         "dataset": {"root": str(folder.parent / "no-data")},
         "backbone": {"timestep": timestep},
-        "propagation": {"temperature": temperature},
+        "method": {"temperature": temperature},
         "output_dir": str(folder),
     })
 
@@ -101,18 +101,18 @@ def store(
 
 def test_param_column_names() -> None:
     names = param_column_names([
-        "backbone.name", "backbone.timestep", "resolved.timestep", "propagation.top_k", "dataset.root",
-        "model", "backbone.options.note", "propagation.seed", "backbone.seed", "rank",
+        "backbone.name", "backbone.timestep", "resolved.timestep", "method.top_k", "dataset.root",
+        "model", "backbone.options.note", "method.seed", "backbone.seed", "rank",
     ])
     assert names == {
         "backbone.name": "backbone",
         "backbone.timestep": "backbone.timestep",
         "resolved.timestep": "timestep",
-        "propagation.top_k": "top_k",
+        "method.top_k": "top_k",
         "dataset.root": "dataset.root",
         "model": "model",
         "backbone.options.note": "options.note",
-        "propagation.seed": "propagation.seed",
+        "method.seed": "method.seed",
         "backbone.seed": "backbone.seed",
         "rank": "param.rank",
     }

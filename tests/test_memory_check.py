@@ -65,7 +65,7 @@ def _config(root: Path, out: Path, **overrides: object) -> RunConfig:
     base = {
         "dataset.root": str(root),
         "input.short_side": 64,
-        "propagation.n_last_frames": 3,
+        "method.n_last_frames": 3,
         "cache.enabled": False,
         "output_dir": str(out / "run"),
         "progress": False,
@@ -113,9 +113,7 @@ def test_larger_settings_need_more(synth_root: Path) -> None:
     for key, value in (("input.short_side", 512), ("backbone.batch_size", 16), ("backbone.ensemble_size", 8)):
         bigger = estimate_run_memory(base.with_overrides({key: value}), dataset, backbone, layer)
         assert bigger.host > small.host, key
-    longer = estimate_run_memory(
-        base.with_overrides({"propagation.n_last_frames": 40}), dataset, backbone, layer
-    )
+    longer = estimate_run_memory(base.with_overrides({"method.n_last_frames": 40}), dataset, backbone, layer)
     assert longer.propagation >= small.propagation
 
 

@@ -47,7 +47,7 @@ def leaderboard_csv(
             config = RunConfig.from_dict({
                 "dataset": {"root": str(folder.parent / "no-data")},
                 "backbone": {"name": "adm", "timestep": timestep, "layer": layer},
-                "propagation": {"temperature": temperature, "topk": 5},
+                "method": {"temperature": temperature, "topk": 5},
                 "output_dir": str(folder),
             })
             scores = [ObjectScores(f"seq{i}", 1, ("00001",), j=np.array([jf + 0.1 * i]),

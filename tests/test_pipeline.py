@@ -21,8 +21,8 @@ def small_config(root: Path, out: Path, **overrides: object) -> RunConfig:
     base = {
         "dataset.root": str(root),
         "input.short_side": 64,
-        "propagation.radius": 4,
-        "propagation.n_last_frames": 3,
+        "method.radius": 4,
+        "method.n_last_frames": 3,
         "cache.dir": str(out / "cache"),
         "output_dir": str(out / "run"),
         "progress": False,
@@ -164,7 +164,7 @@ def test_cli_run_evaluate_and_errors(
     config_path = tmp_path / "run.yaml"
     config_path.write_text(
         f"dataset: {{root: {synth_root}, sequences: [synth-occlusion]}}\n"
-        f"input: {{short_side: 64}}\npropagation: {{radius: 4}}\n"
+        f"input: {{short_side: 64}}\nmethod: {{radius: 4}}\n"
         f"cache: {{dir: {tmp_path / 'cache'}}}\noutput_dir: {tmp_path / 'cli-run'}\n"
     )
     assert main(["run", "--config", str(config_path), "--quiet"]) == 0

@@ -1,4 +1,5 @@
-"""Tests of harness.propagation: windowed top-k label propagation and the sequence memory."""
+"""Tests of harness.methods.labelprop, checked against its dense reference.py: windowed top-k label
+propagation and the sequence memory."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError, DataError
-from harness.propagation import (
+from harness.methods.labelprop import (
     PropagationSettings,
     labels_to_onehot,
     plan_blocks,
@@ -27,47 +28,9 @@ from harness.propagation import (
     unit_memory,
     unit_query,
 )
+from harness.methods.labelprop.reference import propagate_dense as dense_reference
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# -- a plain dense reference, straight from the definition -------------------------------------------------
-
-
-def dense_reference(
-    query: torch.Tensor,
-    memory_feats: torch.Tensor,
-    memory_masks: torch.Tensor,
-    *,
-    similarity: str = "cosine",
-    temperature: float = 0.2,
-    topk: int = 15,
-    radius: int = 15,
-) -> torch.Tensor:
-    """Full (N*h*w) x (h*w) affinity in float64, window mask from coordinates, top-k with ties, matmul."""
-    channels, height, width = query.shape
-    n_memory = memory_feats.shape[0]
-    q = F.normalize(query.double().reshape(channels, -1), dim=0).t()  # (hw, C)
-    keys = F.normalize(memory_feats.double().reshape(n_memory, channels, -1), dim=1)
-    keys = keys.permute(0, 2, 1).reshape(-1, channels)  # (N*hw, C)
-    if similarity == "cosine":
-        affinity = torch.exp(keys @ q.t() / temperature)
-    else:
-        power = 2 if similarity == "l2" else 1
-        distance = ((keys[:, None, :] - q[None, :, :]).abs() ** power).sum(-1) ** (1.0 / power)
-        affinity = torch.exp(-distance / temperature)  # (N*hw keys, hw queries)
-    if radius > 0:
-        ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        ys, xs = ys.reshape(-1), xs.reshape(-1)
-        inside = ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
-        affinity = affinity * inside.repeat(n_memory, 1).double()
-    k = min(topk, affinity.shape[0])
-    kth = torch.topk(affinity, k, dim=0).values[-1]
-    affinity[affinity < kth] = 0  # ties with the k-th stay, as in the released code
-    affinity = affinity / affinity.sum(dim=0, keepdim=True)
-    n_classes = memory_masks.shape[1]
-    masks = memory_masks.double().permute(1, 0, 2, 3).reshape(n_classes, -1)
-    return (masks @ affinity).reshape(n_classes, height, width).float()
 
 
 def random_inputs(seed: int, n_memory: int, channels: int, height: int, width: int, n_classes: int = 3):
@@ -264,7 +227,7 @@ def test_ties_everywhere_with_duplicated_memory_frames(topk: int, screen: bool) 
 def test_ties_are_judged_on_float32_affinities_like_the_released_code() -> None:
     """Logits 0.5 and the float32 just below it differ, but exp() maps both to one float32 affinity: the
     released code (top-k on exp values, ``aff[aff < kth] = 0``) keeps both when they share the k-th place."""
-    from harness.propagation.affinity import _weighted_masks
+    from harness.methods.labelprop.affinity import _weighted_masks
 
     below_half = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
     logits = torch.tensor([[2.0, 0.5, below_half, -1.0]])
@@ -386,7 +349,7 @@ def test_plan_covers_every_query_once_with_its_whole_window(height: int, width: 
 
 
 def test_plan_keeps_strips_and_blocks_within_the_budget() -> None:
-    from harness.propagation.affinity import block_bytes, strip_bytes
+    from harness.methods.labelprop.affinity import block_bytes, strip_bytes
 
     sizes = {"n_memory": 29, "channels": 512, "n_classes": 3}
     generous = plan_blocks(60, 104, 15, **sizes, tile=(16, 16), budget_bytes=2**31)
@@ -402,7 +365,7 @@ def test_plan_keeps_strips_and_blocks_within_the_budget() -> None:
 def test_plan_at_davis_scale_stays_far_below_the_dense_affinity() -> None:
     """Grid 60 x 104, 512 channels, N = 29, r = 15: the dense affinity alone is 4.5 GB; a strip plus one
     block's logits is what propagation adds on top of the normalised memory."""
-    from harness.propagation.affinity import DEFAULT_BUDGET_BYTES, block_bytes, strip_bytes
+    from harness.methods.labelprop.affinity import DEFAULT_BUDGET_BYTES, block_bytes, strip_bytes
 
     sizes = {"n_memory": 29, "channels": 512, "n_classes": 3}
     strips = plan_blocks(60, 104, 15, **sizes)
@@ -418,7 +381,7 @@ _PEAK_SCRIPT = textwrap.dedent(
     import json, resource, sys
     import torch
     torch.set_num_threads(1)
-    from harness.propagation import propagate_frame
+    from harness.methods.labelprop import propagate_frame
 
     def peak_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

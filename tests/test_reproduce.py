@@ -59,7 +59,7 @@ def test_dry_run_prints_the_resolved_configuration_with_sources(capsys: pytest.C
     out = capsys.readouterr().out
     assert "dataset.root: '/data/davis'" in out
     assert "backbone.timestep: 51  # github Tsingularity/dift README.md:186" in out
-    assert "backbone.ensemble_size: 4" in out and "propagation.topk: 10" in out
+    assert "backbone.ensemble_size: 4" in out and "method.topk: 10" in out
 
 
 def test_unknown_systems_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -84,8 +84,8 @@ def test_a_new_row_just_works(
         overrides={
             "backbone.name": "random-conv",
             "input.short_side": 64,
-            "propagation.n_last_frames": 3,
-            "propagation.radius": 4,
+            "method.n_last_frames": 3,
+            "method.radius": 4,
             "cache.enabled": False,
         },
     )
@@ -116,3 +116,22 @@ def test_make_reproduce_runs_the_command() -> None:
     )
     assert result.returncode == 0
     assert "harness.cli reproduce dift-adm --dataset /d" in result.stdout
+
+
+def test_the_paper_study_rows_are_the_released_settings(tmp_path: Path) -> None:
+    from harness.study.spec import load_study_spec
+
+    spec = load_study_spec(REPO_ROOT / "studies" / "paper.yaml")
+    assert len(spec.enqueue) == 4
+    for name, params in zip(SYSTEMS, spec.enqueue, strict=True):
+        settings = resolved_settings(spec.build_config(params, output_dir=tmp_path))
+        for key, released in RELEASED[name].items():
+            assert settings[key] == released.value, f"studies/paper.yaml {name} {key} ({released.source})"
+
+
+def test_dift_caps_the_memory_of_shooting_only() -> None:
+    settings = system_config("dift-adm").method.settings
+    assert settings.n_last_frames_for("shooting") == 10 and settings.n_last_frames_for("bmx-trees") == 28
+    assert system_config("paper-adm").method.settings.n_last_frames_for("shooting") == 28
+    with pytest.raises(ConfigError, match="memory_caps"):
+        RunConfig().with_overrides({"method.memory_caps": "shooting:10"})

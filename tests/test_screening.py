@@ -1,5 +1,5 @@
-"""Tests of the bfloat16 screening in harness.propagation: the bound, the candidates, and that the screened
-path gives the float32 path's result (fallbacks, worker threads and the sequence loop included)."""
+"""Tests of the bfloat16 screening in harness.methods.labelprop: the bound, the candidates, and that the
+screened path gives the float32 path's result (fallbacks, worker threads and the sequence loop included)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.propagation import (
+from harness.methods.labelprop import (
     PropagationSettings,
     PropagationWorkspace,
     affinity,
@@ -18,7 +18,7 @@ from harness.propagation import (
     unit_memory,
     unit_query,
 )
-from harness.propagation.screening import (
+from harness.methods.labelprop.screening import (
     FALLBACK_PATIENCE,
     ScreeningStats,
     candidate_keys,

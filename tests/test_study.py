@@ -44,9 +44,9 @@ def base_study(**changes: Any) -> dict[str, Any]:
         "dataset": {"root": "data/synth", "split": "val"},
         "fixed": {"backbone.name": "random-conv", "input.short_side": 64, "cache.enabled": False},
         "search_space": {
-            "propagation.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
-            "propagation.topk": {"type": "int", "low": 1, "high": 9, "step": 2},
-            "propagation.similarity": {"type": "categorical", "choices": ["cosine", "l2"]},
+            "method.temperature": {"type": "float", "low": 0.05, "high": 0.5, "log": True},
+            "method.topk": {"type": "int", "low": 1, "high": 9, "step": 2},
+            "method.similarity": {"type": "categorical", "choices": ["cosine", "l2"]},
         },
         "sampler": {"type": "tpe", "seed": 0},
         "objective": {"metric": "J&F-Mean", "direction": "maximize"},
@@ -190,28 +190,24 @@ def synth_study(tmp_path: Path, synth_root: Path):
 BAD_CASES = {
     "unknown top-level key": ({"n_trails": 3}, "n_trails"),
     "unknown parameter key": (
-        {"search_space": {"propagation.topk": {"type": "int", "low": 1, "high": 5, "stepp": 1}}},
-        "search_space.propagation.topk.stepp",
+        {"search_space": {"method.topk": {"type": "int", "low": 1, "high": 5, "stepp": 1}}},
+        "search_space.method.topk.stepp",
     ),
     "low >= high": (
-        {"search_space": {"propagation.topk": {"type": "int", "low": 5, "high": 5}}},
-        "search_space.propagation.topk",
+        {"search_space": {"method.topk": {"type": "int", "low": 5, "high": 5}}},
+        "search_space.method.topk",
     ),
     "step <= 0": (
-        {"search_space": {"propagation.topk": {"type": "int", "low": 1, "high": 5, "step": 0}}},
-        "search_space.propagation.topk.step",
+        {"search_space": {"method.topk": {"type": "int", "low": 1, "high": 5, "step": 0}}},
+        "search_space.method.topk.step",
     ),
     "log with low <= 0": (
-        {
-            "search_space": {
-                "propagation.temperature": {"type": "float", "low": 0.0, "high": 1.0, "log": True}
-            }
-        },
-        "search_space.propagation.temperature",
+        {"search_space": {"method.temperature": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}},
+        "search_space.method.temperature",
     ),
     "unknown parameter type": (
-        {"search_space": {"propagation.topk": {"type": "integer", "low": 1, "high": 5}}},
-        "search_space.propagation.topk.type",
+        {"search_space": {"method.topk": {"type": "integer", "low": 1, "high": 5}}},
+        "search_space.method.topk.type",
     ),
     "unknown backbone": ({"fixed": {"backbone.name": "no-such-net"}}, "no-such-net"),
     "unknown backbone among choices": (
@@ -230,30 +226,30 @@ BAD_CASES = {
     "unknown sampler key": ({"sampler": {"type": "tpe", "sed": 1}}, "sampler.sed"),
     "bad direction": ({"objective": {"metric": "J&F-Mean", "direction": "up"}}, "objective.direction"),
     "unknown objective key": ({"objective": {"metrik": "J-Mean"}}, "objective.metrik"),
-    "unknown setting": ({"fixed": {"propagation.tempreature": 0.1}}, "propagation.tempreature"),
+    "unknown setting": ({"fixed": {"method.tempreature": 0.1}}, "method.tempreature"),
     "unknown section": ({"fixed": {"propagaton.temperature": 0.1}}, "propagaton.temperature"),
     "section instead of setting": (
-        {"search_space": {"propagation": {"type": "categorical", "choices": [1]}}},
-        "propagation",
+        {"search_space": {"method": {"type": "categorical", "choices": [1]}}},
+        "method",
     ),
     "setting rejected by RunConfig": (
-        {"search_space": {"propagation.similarity": {"type": "categorical", "choices": ["cosine", "dot"]}}},
+        {"search_space": {"method.similarity": {"type": "categorical", "choices": ["cosine", "dot"]}}},
         "dot",
     ),
     "wrong type for a setting": ({"fixed": {"input.short_side": "big"}}, "short_side"),
-    "fixed and searched": ({"fixed": {"propagation.topk": 3}}, "propagation.topk"),
+    "fixed and searched": ({"fixed": {"method.topk": 3}}, "method.topk"),
     "output_dir is per trial": ({"fixed": {"output_dir": "x"}}, "output_dir"),
     "dataset only in its section": ({"fixed": {"dataset.root": "x"}}, "dataset.root"),
     "unknown dataset key": ({"dataset": {"root": "x", "splitt": "val"}}, "dataset.splitt"),
-    "float axis in a grid": ({"sampler": {"type": "grid"}}, "propagation.temperature"),
+    "float axis in a grid": ({"sampler": {"type": "grid"}}, "method.temperature"),
     "tpe without n_trials": ({"n_trials": None}, "n_trials"),
     "bad name": ({"name": "has space"}, "name"),
     "enqueue of an unknown parameter": (
-        {"enqueue": [{"propagation.radius": 3}]},
-        "enqueue[0].propagation.radius",
+        {"enqueue": [{"method.radius": 3}]},
+        "enqueue[0].method.radius",
     ),
-    "enqueue outside the range": ({"enqueue": [{"propagation.topk": 11}]}, "enqueue[0].propagation.topk"),
-    "enqueue off the step": ({"enqueue": [{"propagation.topk": 2}]}, "enqueue[0].propagation.topk"),
+    "enqueue outside the range": ({"enqueue": [{"method.topk": 11}]}, "enqueue[0].method.topk"),
+    "enqueue off the step": ({"enqueue": [{"method.topk": 2}]}, "enqueue[0].method.topk"),
     "pruning on another metric": (
         {"pruning": True, "objective": {"metric": "J-Mean", "direction": "maximize"}},
         "objective.metric",
@@ -261,18 +257,18 @@ BAD_CASES = {
     "per_choice for a missing choice": (
         {
             "search_space": {
-                "propagation.similarity": {
+                "method.similarity": {
                     "type": "categorical",
                     "choices": ["cosine"],
-                    "per_choice": {"l2": {"propagation.topk": 3}},
+                    "per_choice": {"l2": {"method.topk": 3}},
                 }
             }
         },
         "per_choice",
     ),
     "grid value outside the range": (
-        {"search_space": {"propagation.topk": {"type": "int", "low": 1, "high": 5, "grid": [1, 9]}}},
-        "search_space.propagation.topk.grid",
+        {"search_space": {"method.topk": {"type": "int", "low": 1, "high": 5, "grid": [1, 9]}}},
+        "search_space.method.topk.grid",
     ),
     "negative timeout": ({"timeout": -5}, "timeout"),
 }
@@ -293,9 +289,9 @@ def test_base_study_is_valid(tmp_path: Path) -> None:
     spec = load_study_spec(write_study(tmp_path, base_study()))
     assert spec.name == "unit"
     assert list(spec.search_space) == [
-        "propagation.temperature",
-        "propagation.topk",
-        "propagation.similarity",
+        "method.temperature",
+        "method.topk",
+        "method.similarity",
     ]
     assert spec.fixed == {"backbone.name": "random-conv", "input.short_side": 64, "cache.enabled": False}
 
@@ -360,9 +356,9 @@ def test_grid_points_cover_the_product() -> None:
             sampler={"type": "grid"},
             n_trials=None,
             search_space={
-                "propagation.topk": {"type": "int", "low": 5, "high": 15, "step": 5},
-                "propagation.similarity": {"type": "categorical", "choices": ["cosine", "l2"]},
-                "propagation.temperature": {
+                "method.topk": {"type": "int", "low": 5, "high": 15, "step": 5},
+                "method.similarity": {"type": "categorical", "choices": ["cosine", "l2"]},
+                "method.temperature": {
                     "type": "float",
                     "low": 0.1,
                     "high": 1.0,
@@ -374,8 +370,8 @@ def test_grid_points_cover_the_product() -> None:
     assert spec.grid_size() == 3 * 2 * 3
     points = grid_points(spec)
     assert len(points) == 18
-    assert {p["propagation.topk"] for p in points} == {5, 10, 15}
-    assert {p["propagation.temperature"] for p in points} == {0.1, 0.5, 1.0}
+    assert {p["method.topk"] for p in points} == {5, 10, 15}
+    assert {p["method.temperature"] for p in points} == {0.1, 0.5, 1.0}
     assert len({tuple(sorted(p.items())) for p in points}) == 18
     # the budget defaults to the grid and is capped by it
     assert spec.target_trials() == 18
@@ -386,37 +382,37 @@ def test_grid_points_cover_the_product() -> None:
 def test_trial_overrides_precedence_and_null_choice() -> None:
     spec = parse_study_spec(
         base_study(
-            fixed={"backbone.name": "random-conv", "backbone.timestep": 7, "propagation.topk": 3},
+            fixed={"backbone.name": "random-conv", "backbone.timestep": 7, "method.topk": 3},
             search_space={
                 "backbone.layer": {
                     "type": "categorical",
                     "choices": [0, 1, None],
-                    "per_choice": {0: {"backbone.timestep": 11, "propagation.radius": 2}},
+                    "per_choice": {0: {"backbone.timestep": 11, "method.radius": 2}},
                 },
-                "propagation.temperature": {"type": "categorical", "choices": [None, 0.3]},
+                "method.temperature": {"type": "categorical", "choices": [None, 0.3]},
             },
         )
     )
-    assert spec.trial_overrides({"backbone.layer": 0, "propagation.temperature": 0.3}) == {
+    assert spec.trial_overrides({"backbone.layer": 0, "method.temperature": 0.3}) == {
         "backbone.name": "random-conv",
         "backbone.timestep": 11,
-        "propagation.topk": 3,
-        "propagation.radius": 2,
+        "method.topk": 3,
+        "method.radius": 2,
         "backbone.layer": 0,
-        "propagation.temperature": 0.3,
+        "method.temperature": 0.3,
     }
     # null = keep the fixed value or the default: the key is simply not overridden
-    assert spec.trial_overrides({"backbone.layer": None, "propagation.temperature": None}) == {
+    assert spec.trial_overrides({"backbone.layer": None, "method.temperature": None}) == {
         "backbone.name": "random-conv",
         "backbone.timestep": 7,
-        "propagation.topk": 3,
+        "method.topk": 3,
     }
     config = spec.build_config(
-        {"backbone.layer": 1, "propagation.temperature": None}, output_dir="out/x", sequences=["b", "a"]
+        {"backbone.layer": 1, "method.temperature": None}, output_dir="out/x", sequences=["b", "a"]
     )
     assert config.backbone.layer == 1
     assert config.backbone.timestep == 7
-    assert config.propagation.temperature == type(config.propagation)().temperature  # the default
+    assert config.method.settings.temperature == type(config.method.settings)().temperature  # the default
     assert config.dataset.sequences == ["b", "a"]
     assert config.output_dir == "out/x"
     assert config.progress is False
@@ -428,15 +424,16 @@ def test_suggest_honours_every_distribution() -> None:
     for _ in range(20):
         trial = study.ask()
         params = {name: p.suggest(trial) for name, p in spec.search_space.items()}
-        assert 0.05 <= params["propagation.temperature"] <= 0.5
-        assert params["propagation.topk"] in {1, 3, 5, 7, 9}
-        assert params["propagation.similarity"] in {"cosine", "l2"}
+        assert 0.05 <= params["method.temperature"] <= 0.5
+        assert params["method.topk"] in {1, 3, 5, 7, 9}
+        assert params["method.similarity"] in {"cosine", "l2"}
         study.tell(trial, 0.0)
 
 
 def test_model_study_fixes_settings_per_model() -> None:
     spec = load_study_spec(STUDIES / "model.yaml")
     assert spec.trial_overrides({"backbone.name": "adm"}) == {
+        "backbone.ensemble_size": 8,
         "backbone.timestep": 30,
         "backbone.layer": 6,
         "backbone.name": "adm",
@@ -535,7 +532,7 @@ def test_budget_ignores_retried_failures() -> None:
 
 def temperature_score(config: Any, index: int) -> float:
     """Best at temperature 0.2; deterministic per trial."""
-    return 1.0 - abs(math.log(config.propagation.temperature / 0.2)) / 5
+    return 1.0 - abs(math.log(config.method.settings.temperature / 0.2)) / 5
 
 
 def test_resume_continues_to_n_trials(tmp_path: Path, synth_study: Any) -> None:
@@ -575,7 +572,7 @@ def test_trial_settings_outputs_and_sequence_order(
     for trial, config in zip(study.get_trials(), runner.configs, strict=True):
         assert config.dataset.sequences == order  # the same fixed order in every trial
         assert config.backbone.name == "random-conv" and config.input.short_side == 64
-        assert config.propagation.temperature == trial.params["propagation.temperature"]
+        assert config.method.settings.temperature == trial.params["method.temperature"]
         assert Path(config.output_dir) == tmp_path / "runs" / "unit" / f"trial-{trial.number}"
         # per-sequence J&F reported with the sequence's position as the step
         assert sorted(trial.intermediate_values) == list(range(len(order)))
@@ -588,26 +585,26 @@ def test_finished_grid_is_not_rerun(tmp_path: Path, synth_study: Any) -> None:
     study_file = synth_study(
         sampler={"type": "grid", "seed": 1},
         n_trials=None,
-        search_space={"propagation.topk": {"type": "int", "low": 1, "high": 5, "step": 2}},
+        search_space={"method.topk": {"type": "int", "low": 1, "high": 5, "step": 2}},
     )
-    tracker, runner = FakeTracker(), FakeRunner(lambda config, index: config.propagation.topk / 10)
+    tracker, runner = FakeTracker(), FakeRunner(lambda config, index: config.method.settings.topk / 10)
     summary = fake_sweep(study_file, tmp_path, runner, tracker)
     assert summary.n_complete == 3
-    assert sorted(c.propagation.topk for c in runner.configs) == [1, 3, 5]  # every grid point once
+    assert sorted(c.method.settings.topk for c in runner.configs) == [1, 3, 5]  # every grid point once
     again = fake_sweep(study_file, tmp_path, runner, tracker, n_trials=10)
     assert again.n_complete == 3 and len(runner.configs) == 3
-    assert again.best_params == {"propagation.topk": 5}
+    assert again.best_params == {"method.topk": 5}
 
 
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, synth_study: Any) -> None:
     study_file = synth_study(
         sampler={"type": "grid"},
         n_trials=None,
-        search_space={"propagation.topk": {"type": "categorical", "choices": [1, 2, 3]}},
+        search_space={"method.topk": {"type": "categorical", "choices": [1, 2, 3]}},
     )
 
     def score(config: Any, index: int) -> float:
-        if config.propagation.topk == 2:
+        if config.method.settings.topk == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
         return 0.5
 
@@ -615,7 +612,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path: Path, synth_s
     summary = fake_sweep(study_file, tmp_path, FakeRunner(score), tracker)
     assert (summary.n_complete, summary.n_failed) == (2, 1)
     failed = [t for t in load_trials(tmp_path, "unit") if t.state == optuna.trial.TrialState.FAIL]
-    assert len(failed) == 1 and failed[0].params == {"propagation.topk": 2}
+    assert len(failed) == 1 and failed[0].params == {"method.topk": 2}
     assert "out of memory" in failed[0].user_attrs["error"]
     run = next(r for r in tracker.runs if r.trial_number == failed[0].number)
     assert run.status == "FAILED" and "out of memory" in run.error
@@ -648,11 +645,11 @@ def test_clearly_worse_trial_is_pruned(tmp_path: Path, synth_study: Any) -> None
     """WilcoxonPruner: once the best trial exists, a trial worse on every sequence stops early."""
     study_file = synth_study(
         pruning={"p_threshold": 0.1, "n_startup_steps": 2},
-        search_space={"propagation.temperature": {"type": "categorical", "choices": [0.1, 0.2, 0.9]}},
+        search_space={"method.temperature": {"type": "categorical", "choices": [0.1, 0.2, 0.9]}},
         enqueue=[
-            {"propagation.temperature": 0.2},
-            {"propagation.temperature": 0.1},
-            {"propagation.temperature": 0.9},
+            {"method.temperature": 0.2},
+            {"method.temperature": 0.1},
+            {"method.temperature": 0.9},
         ],
         n_trials=3,
     )
@@ -660,12 +657,12 @@ def test_clearly_worse_trial_is_pruned(tmp_path: Path, synth_study: Any) -> None
 
     def score(config: Any, index: int) -> float:
         # a little per-sequence variation so the differences are not all tied
-        return quality[config.propagation.temperature] + 0.01 * (index % 3)
+        return quality[config.method.settings.temperature] + 0.01 * (index % 3)
 
     tracker = FakeTracker()
     runner = FakeRunner(score, n_steps=12)
     summary = fake_sweep(study_file, tmp_path, runner, tracker)
-    trials = {t.params["propagation.temperature"]: t for t in load_trials(tmp_path, "unit")}
+    trials = {t.params["method.temperature"]: t for t in load_trials(tmp_path, "unit")}
     assert trials[0.2].state == optuna.trial.TrialState.COMPLETE
     assert trials[0.9].state == optuna.trial.TrialState.PRUNED
     assert len(trials[0.9].intermediate_values) < 12  # stopped before the last sequence
@@ -677,27 +674,39 @@ def test_clearly_worse_trial_is_pruned(tmp_path: Path, synth_study: Any) -> None
 def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path) -> None:
     """The paper study's trials are exactly the published settings (checked without running models)."""
     spec = load_study_spec(STUDIES / "paper.yaml")
+    paper = {
+        "method.temperature": 0.2,
+        "method.topk": 15,
+        "backbone.ensemble_size": 8,
+    }  # and method.memory_caps null: "do not override", the default (no caps)
     expected = [
-        {"backbone.name": "adm", "backbone.timestep": 30, "backbone.layer": 6},
-        {"backbone.name": "sd2.1", "backbone.timestep": 100, "backbone.layer": 9},
+        {"backbone.name": "adm", "backbone.timestep": 30, "backbone.layer": 6} | paper,
+        {"backbone.name": "sd2.1", "backbone.timestep": 100, "backbone.layer": 9} | paper,
         {
             "backbone.name": "adm",
             "backbone.timestep": 51,
             "backbone.layer": 7,
-            "propagation.temperature": 0.1,
-            "propagation.topk": 10,
+            "method.temperature": 0.1,
+            "method.topk": 10,
             "backbone.ensemble_size": 4,
+            "method.memory_caps": "shooting=10",
         },
         {
             "backbone.name": "sd2.1",
             "backbone.timestep": 51,
             "backbone.layer": "up_ft2",
-            "propagation.temperature": 0.2,
-            "propagation.topk": 15,
+            "method.temperature": 0.2,
+            "method.topk": 15,
             "backbone.ensemble_size": 8,
+            "method.memory_caps": "shooting=10",
         },
     ]
-    shared = {"propagation.n_last_frames": 28, "propagation.radius": 15}
+    shared = {
+        "method.n_last_frames": 28,
+        "method.radius": 15,
+        "method.similarity": "cosine",
+        "input.short_side": 480,
+    }
     assert spec.target_trials() == 4
     assert [spec.trial_overrides(entry) for entry in spec.enqueue] == [shared | e for e in expected]
 
@@ -749,7 +758,7 @@ def test_end_to_end_sweep_on_synthetic_data(tmp_path: Path, synth_root: Path) ->
     )
     quick["fixed"] = quick["fixed"] | {
         "input.short_side": 64,
-        "propagation.radius": 3,
+        "method.radius": 3,
         "cache.dir": str(tmp_path / "cache"),
     }
     study_file = write_study(tmp_path, quick)

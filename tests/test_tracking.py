@@ -100,7 +100,7 @@ def make_config(root: Path, output: Path, **sections: dict[str, object]) -> RunC
     settings: dict[str, object] = {
         "dataset": {"root": str(root), "sequences": list(SEQUENCES)},
         "backbone": {"timestep": 25, "device": "cpu", "options": {"note": LONG_OPTION}},
-        "propagation": {"temperature": 0.1, "topk": 5},
+        "method": {"temperature": 0.1, "topk": 5},
         "output_dir": str(output),
     }
     return RunConfig.from_dict(settings | sections)
@@ -130,7 +130,7 @@ def logged(tracking: TrackingConfig, tmp_path_factory: pytest.TempPathFactory) -
     result = make_result(tmp_path_factory.mktemp("result"))
     tracker = StudyTracker(tracking, "study-a")
     parent = tracker.ensure_parent_run("timestep sweep", {"n_trials": 3, "space": {"t": [0, 50]}})
-    trial = tracker.start_trial(parent, 0, {"propagation.temperature": 0.1, "model": "adm"}, result.config)
+    trial = tracker.start_trial(parent, 0, {"method.temperature": 0.1, "model": "adm"}, result.config)
     for outcome in result.sequences:
         trial.log_sequence(outcome)
     trial.log_result(result)
@@ -249,9 +249,9 @@ def test_environment_tags(logged: dict[str, object], client: MlflowClient) -> No
 def test_params_hold_flattened_settings_and_resolved_values(logged: dict[str, object],
                                                             client: MlflowClient) -> None:
     params = client.get_run(logged["trial"].run_id).data.params
-    assert params["propagation.temperature"] == "0.1"
-    assert params["propagation.topk"] == "5"
-    assert params["propagation.similarity"] == "cosine"  # a default of the real RunConfig
+    assert params["method.temperature"] == "0.1"
+    assert params["method.topk"] == "5"
+    assert params["method.similarity"] == "cosine"  # a default of the real RunConfig
     assert params["backbone.name"] == "random-conv"
     assert params["backbone.timestep"] == "25"
     assert params["backbone.layer"] == "None"

@@ -51,12 +51,12 @@ def write_study(folder: Path, synth_root: Path, name: str, topks: list[int], **f
             "backbone.name": "random-conv",
             "backbone.device": "cpu",
             "input.short_side": 48,
-            "propagation.radius": 3,
-            "propagation.n_last_frames": 3,
+            "method.radius": 3,
+            "method.n_last_frames": 3,
             "cache.dir": str(folder / "cache"),
             **fixed,
         },
-        "search_space": {"propagation.topk": {"type": "categorical", "choices": topks}},
+        "search_space": {"method.topk": {"type": "categorical", "choices": topks}},
         "sampler": {"type": "grid", "seed": 0},
         "objective": {"metric": "J&F-Mean", "direction": "maximize"},
         "pruning": False,
@@ -111,7 +111,7 @@ def test_local_workers_share_a_journal_study(tmp_path: Path, synth_root: Path) -
     trials = study.get_trials()
     # exactly the budget (the grid), every point once, all complete
     assert len(trials) == 4 and summary.n_complete == 4
-    assert sorted(t.params["propagation.topk"] for t in trials) == [1, 3, 5, 8]
+    assert sorted(t.params["method.topk"] for t in trials) == [1, 3, 5, 8]
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # two processes, two trials each
     runs = trial_runs(tracking_uri, "workers", "local-workers")
     assert_logged_once(trials, runs)
@@ -305,7 +305,7 @@ def test_several_machines_postgres_and_mlflow_server(
     study = optuna.load_study(study_name="machines", storage=optuna_database)
     trials = study.get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert {t.params["propagation.topk"] for t in complete} == set(topks)
+    assert {t.params["method.topk"] for t in complete} == set(topks)
     assert len(trials) == len(complete)  # nothing failed, pruned or left running
     runs = trial_runs(mlflow_server, "machines", "machines")
     assert_logged_once(trials, runs)
@@ -365,7 +365,7 @@ def test_killed_worker_trial_is_failed_retried_and_closed(
     assert retries[0].params == killed_trial.params
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     complete = [t for t in trials.values() if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(t.params["propagation.topk"] for t in complete) == topks  # the survivor finished the grid
+    assert sorted(t.params["method.topk"] for t in complete) == topks  # the survivor finished the grid
 
     client = MlflowClient(tracking_uri=mlflow_server)
     assert client.get_run(killed_run).info.status == "KILLED"

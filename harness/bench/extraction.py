@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from backbones.adm import ADMBackbone
 from backbones.adm_unet import ADM_256_UNCOND, ADM_TINY, ADMConfig, ADMUNet
 from backbones.base import frame_generator
-from harness.bench.runner import (
+from harness.bench.common import (
     SHARED_REFERENCE,
     BenchOptions,
     Timing,
@@ -40,7 +40,7 @@ from harness.bench.runner import (
     time_interleaved,
 )
 from harness.errors import ConfigError
-from harness.propagation.screening import cpu_has_native_bf16
+from harness.methods.labelprop.screening import cpu_has_native_bf16
 
 DAVIS17_VAL_FRAMES = 1999
 #: relative difference allowed between two fp32 paths that compute the same features

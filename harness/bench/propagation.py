@@ -1,4 +1,4 @@
-"""Label propagation for one frame: :func:`harness.propagation.propagate_frame` against the released
+"""Label propagation for one frame: :func:`harness.methods.labelprop.propagate_frame` against the released
 algorithm, on the same inputs, in the same run.
 
 The baseline below is written from the description of the released code (DINO's video segmentation
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.bench.runner import (
+from harness.bench.common import (
     SHARED_REAL_DAVIS,
     BenchOptions,
     cuda_peak_bytes,
@@ -40,14 +40,14 @@ from harness.bench.runner import (
     time_interleaved,
 )
 from harness.errors import HarnessError
-from harness.propagation import (
+from harness.methods.labelprop import (
     PropagationWorkspace,
     propagate_frame,
     propagate_prepared,
     unit_memory,
     unit_query,
 )
-from harness.propagation.screening import screening_available
+from harness.methods.labelprop.screening import screening_available
 
 #: the outputs of the two implementations must agree to this before anything is timed (see check_agreement)
 AGREEMENT_TOLERANCE = 1e-5
@@ -482,7 +482,7 @@ def real_footage_check(options: BenchOptions) -> dict[str, Any]:
     from backbones import load_backbone
     from harness.data.dataset import open_dataset
     from harness.frames import load_network_inputs, network_input_size
-    from harness.propagation import PropagationSettings, propagate_sequence
+    from harness.methods.labelprop import PropagationSettings, propagate_sequence
 
     root = Path(options.real_data or SHARED_REAL_DAVIS)
     if not root.is_dir():

@@ -29,15 +29,15 @@ from typing import Any
 import torch
 
 from backbones import Backbone, load_backbone
-from harness.bench.runner import BenchOptions, format_table, synchronize
-from harness.config import BackboneConfig, CacheConfig, DatasetConfig, InputConfig, RunConfig
+from harness.bench.common import BenchOptions, format_table, synchronize
+from harness.config import BackboneConfig, CacheConfig, DatasetConfig, InputConfig, MethodConfig, RunConfig
 from harness.data import open_dataset
 from harness.data.synth import SynthSpec, make_synthetic_dataset
 from harness.features import FeatureCache, extract_sequence_features
 from harness.frames import frame_cache_id, load_network_inputs, network_input_size
+from harness.methods.labelprop import PropagationSettings
 from harness.pipeline import RunResult
 from harness.pipeline import run as run_pipeline
-from harness.propagation import PropagationSettings
 
 BACKBONE = "adm-tiny"
 TIMESTEP = 30
@@ -187,7 +187,7 @@ def _config(arm: _Arm, layer: int, propagation: PropagationSettings, cached: boo
             device=arm.device,
         ),
         input=InputConfig(short_side=arm.short_side),
-        propagation=propagation,
+        method=MethodConfig(settings=propagation),
         cache=CacheConfig(enabled=cached),
         output_dir=str(arm.output_dir),
         evaluate=True,

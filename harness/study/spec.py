@@ -11,7 +11,7 @@ instead of after an hour of trials. The format::
     fixed: {backbone.name: adm, backbone.layer: 6}     # RunConfig settings, dotted or nested
     search_space:
       backbone.timestep: {type: int, low: 0, high: 300, step: 25}          # also log: true, grid: [..]
-      propagation.temperature: {type: float, low: 0.01, high: 1.0, log: true}
+      method.temperature: {type: float, low: 0.01, high: 1.0, log: true}
       backbone.name: {type: categorical, choices: [adm, sd2.1], per_choice: {sd2.1: {backbone.layer: 9}}}
     sampler: {type: grid, seed: 0}      # grid | tpe (n_startup_trials) | random
     objective: {metric: J&F-Mean, direction: maximize}
@@ -401,7 +401,7 @@ def _parse_dataset(data: Any, source: str) -> DatasetSpec:
 
 
 def run_config_sections() -> frozenset[str]:
-    """Dotted paths of RunConfig's sections (``backbone``, ``propagation``, ...), as opposed to settings.
+    """Dotted paths of RunConfig's sections (``backbone``, ``method``, ...), as opposed to settings.
 
     Only sections are flattened into dotted keys: a mapping-valued setting such as ``backbone.options``
     stays one value.

@@ -1,6 +1,6 @@
 """Memory-bank label propagation: windowed top-k affinities between UNet features of video frames."""
 
-from harness.propagation.affinity import (
+from harness.methods.labelprop.affinity import (
     SIMILARITIES,
     PropagationWorkspace,
     QueryBlock,
@@ -11,7 +11,7 @@ from harness.propagation.affinity import (
     unit_memory,
     unit_query,
 )
-from harness.propagation.memory import (
+from harness.methods.labelprop.sequence import (
     PropagationSettings,
     labels_to_onehot,
     propagate_sequence,

@@ -13,7 +13,7 @@ position-major, (h, w, N, C); the blocks of one block column share a contiguous 
 (log of the affinity): top-k on logits is the same as top-k on exp(logits), and subtracting each query's
 maximum before exp cancels in the normalisation while avoiding overflow and underflow.
 
-On CPUs with bfloat16 instructions the blocks are screened (harness.propagation.screening): one bfloat16
+On CPUs with bfloat16 instructions the blocks are screened (harness.methods.labelprop.screening): one bfloat16
 product per block bounds which keys can be in a query's top k, and only those are multiplied again in
 float32, so the result is the float32 one. The strips of a screened frame are split between threads.
 """
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.errors import ConfigError
-from harness.propagation.screening import (
+from harness.methods.labelprop.filters import CorrespondenceFilter, FilterContext, FilterStats
+from harness.methods.labelprop.screening import (
     MAX_CANDIDATE_FRACTION,
     ScreeningStats,
     candidate_keys,
@@ -239,6 +240,7 @@ class PropagationWorkspace:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     window_biases: dict[tuple[object, ...], torch.Tensor] = field(default_factory=dict)
     screening: ScreeningStats = field(default_factory=ScreeningStats)
+    filtering: FilterStats = field(default_factory=FilterStats)
 
     def buffer(
         self, name: str, numel: int, device: torch.device, dtype: torch.dtype = torch.float32
@@ -350,6 +352,8 @@ def propagate_prepared(
     screen: bool | None = None,
     memory_bf16: torch.Tensor | None = None,
     workspace: PropagationWorkspace | None = None,
+    correspondence_filter: CorrespondenceFilter | None = None,
+    filter_context: FilterContext | None = None,
 ) -> torch.Tensor:
     """The propagation on prepared tensors; returns the soft output as (h, w, K+1).
 
@@ -359,14 +363,17 @@ def propagate_prepared(
     several matrix products, each with only the query rows those key rows reach (1 = exactly the window's
     rows: fewer multiply-adds but many more, smaller calls); by default each block is one product.
     ``screen`` picks keys with a bfloat16 product and recomputes only those in float32 (same result, see
-    harness.propagation.screening); None uses it where it is faster (CPUs with bf16 instructions,
+    harness.methods.labelprop.screening); None uses it where it is faster (CPUs with bf16 instructions,
     cosine and l2), False never, True wherever the similarity allows (l1 has no such bound).
     ``memory_bf16`` is the memory rounded to bfloat16, if the caller keeps one (converted here otherwise).
-    Arguments are not validated here.
+    ``correspondence_filter`` (with its ``filter_context``) drops (key, query) pairs after the window and
+    before the top-k on either path (see harness.methods.labelprop.filters). Arguments are not validated.
     """
     height, width, n_memory, channels = memory_feats.shape
     n_classes = memory_masks.shape[-1]
     device = memory_feats.device
+    if correspondence_filter is not None and filter_context is None:
+        raise ValueError("a correspondence filter needs a filter_context")
     workspace = workspace if workspace is not None else PropagationWorkspace()
     screening = uses_screening(screen, similarity, device, workspace)
     strips = plan_blocks(
@@ -400,6 +407,8 @@ def propagate_prepared(
         rows_per_product=rows_per_product,
         in_place=in_place,
         workspace=workspace,
+        correspondence_filter=correspondence_filter,
+        filter_context=filter_context,
     )
     if screening:  # the bfloat16 queries and the norms of their rounding errors, for the thresholds
         frame.memory_bf16 = memory_bf16
@@ -458,6 +467,8 @@ class _Frame:
     rows_per_product: int | None
     in_place: bool
     workspace: PropagationWorkspace
+    correspondence_filter: CorrespondenceFilter | None = None
+    filter_context: FilterContext | None = None
     memory_bf16: torch.Tensor | None = None
     query_bf16: torch.Tensor | None = None
     query_rounding: torch.Tensor | None = None
@@ -519,6 +530,7 @@ def _propagate_strips(strips: list[KeyStrip], frame: _Frame, buffers: _Buffers, 
                     radius=frame.radius,
                     rows_per_product=frame.rows_per_product,
                     workspace=frame.workspace,
+                    frame=frame,
                     **settings,
                 )
             (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
@@ -605,6 +617,9 @@ def _screened_block(
     if block.windowed:
         bias = _window_bias(block, frame.radius, keys_bf16.device, frame.workspace, torch.bfloat16)
         approx.view(key_rows, key_cols, n_memory, n_queries).add_(bias)
+    unfiltered = 0
+    if frame.correspondence_filter is not None:  # before the thresholds: the k-th is among kept keys
+        unfiltered = _filter_logits(frame, block, approx.view(key_rows, key_cols, n_memory, n_queries))
     candidates, used = candidate_keys(
         approx,
         key_rows,
@@ -617,8 +632,10 @@ def _screened_block(
     n_used = used.numel()
     fall_back = n_used > MAX_CANDIDATE_FRACTION * n_keys
     frame.workspace.screening.record(fell_back=fall_back, candidate_fraction=n_used / n_keys)
-    if fall_back:
+    if fall_back:  # the float32 block filters (and counts) again
         return None
+    if frame.correspondence_filter is not None:
+        frame.workspace.filtering.record(n_queries, unfiltered)
     # block key order is (row, column, frame): back to rows of the memory's storage
     frames = used % n_memory
     cols = (used // n_memory) % key_cols + block.key_cols[0]
@@ -639,6 +656,26 @@ def _screened_block(
     return _weighted_masks(logits.copy_(exact.t()), key_masks, topk)
 
 
+def _filter_logits(frame: _Frame, block: QueryBlock, logits: torch.Tensor) -> int:
+    """Set the logits (kh, kw, N, Q) of pairs the frame's filter drops to -inf, in place; returns how many
+    queries had no kept key inside their window and so keep the unfiltered window.
+
+    Inside the window means a logit above -inf (the window bias is -inf, products are finite), the same on
+    the float32 and the bfloat16 path, so both make the same decisions.
+    """
+    assert frame.correspondence_filter is not None and frame.filter_context is not None
+    keep = frame.correspondence_filter.keep(frame.filter_context, block).to(logits.device)
+    if keep.shape != logits.shape:
+        raise ValueError(
+            f"filter {frame.correspondence_filter.name!r} returned a keep-mask of shape {tuple(keep.shape)}, "
+            f"expected {tuple(logits.shape)}"
+        )
+    inside = logits > float("-inf")
+    empty = ~(keep & inside).flatten(0, 2).any(dim=0)  # (Q,)
+    logits.masked_fill_(~(keep | empty), float("-inf"))
+    return int(empty.sum())
+
+
 def _propagate_block(
     block: QueryBlock,
     query: torch.Tensor,
@@ -653,6 +690,7 @@ def _propagate_block(
     radius: int,
     rows_per_product: int | None,
     workspace: PropagationWorkspace,
+    frame: _Frame | None = None,
 ) -> torch.Tensor:
     """Soft output (Q, K+1) of one block; ``keys`` (kh, kw, N, C) and ``key_masks`` are contiguous."""
     (qr0, qr1), (qc0, qc1) = block.query_rows, block.query_cols
@@ -678,6 +716,9 @@ def _propagate_block(
     if block.windowed:
         bias = _window_bias(block, radius, keys.device, workspace)
         key_major.view(key_rows, key_cols, n_memory, n_queries).add_(bias)
+    if frame is not None and frame.correspondence_filter is not None:
+        unfiltered = _filter_logits(frame, block, key_major.view(key_rows, key_cols, n_memory, n_queries))
+        frame.workspace.filtering.record(n_queries, unfiltered)
     # top-k runs along rows: one blocked transpose copy beats top-k across a strided dimension
     query_major = query_major_buffer[: n_keys * n_queries].view(n_queries, n_keys)
     query_major.copy_(key_major.view(n_keys, n_queries).t())
@@ -695,6 +736,8 @@ def propagate_frame(
     radius: int = 15,
     screen: bool | None = None,
     workspace: PropagationWorkspace | None = None,
+    correspondence_filter: CorrespondenceFilter | None = None,
+    filter_context: FilterContext | None = None,
 ) -> torch.Tensor:
     """Soft labels (K+1, h, w) of a query frame (C, h, w) from memory features (N, C, h, w) and memory
     masks (N, K+1, h, w).
@@ -724,6 +767,8 @@ def propagate_frame(
         radius=radius,
         screen=screen,
         workspace=workspace,
+        correspondence_filter=correspondence_filter,
+        filter_context=filter_context,
     )
     return soft.permute(2, 0, 1).contiguous()
 

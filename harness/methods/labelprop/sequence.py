@@ -18,13 +18,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from harness.errors import ConfigError, DataError
-from harness.propagation.affinity import (
+from harness.methods.labelprop.affinity import (
     PropagationWorkspace,
     check_propagation_params,
     propagate_prepared,
     unit_query,
     uses_screening,
 )
+from harness.methods.labelprop.filters import CorrespondenceFilter, FilterContext, get_filter
 
 #: Written masks are uint8 channel indices.
 MAX_CLASSES = 256
@@ -41,12 +42,37 @@ class PropagationSettings:
     topk: int = 15
     radius: int = 15
     n_last_frames: int = 28
+    #: a registered correspondence filter (harness.methods.labelprop.filters), None = no filter
+    filter: str | None = None
+    #: per-sequence caps on n_last_frames, "name=N[,name=N...]" (a string, so a study can choose it):
+    #: DIFT caps "shooting" at 10 (github Tsingularity/dift eval_davis.py:300-304)
+    memory_caps: str | None = None
 
     def __post_init__(self) -> None:
         check_propagation_params(self.similarity, self.temperature, self.topk, self.radius)
         frames = self.n_last_frames
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
             raise ConfigError(f"n_last_frames must be an integer >= 0 (0 = first frame only), got {frames!r}")
+        if self.filter is not None:
+            get_filter(self.filter)  # unknown names fail when the config is read
+        self.caps()  # a malformed memory_caps fails when the config is read
+
+    def caps(self) -> dict[str, int]:
+        """``memory_caps`` as {sequence: cap}."""
+        if self.memory_caps is None:
+            return {}
+        caps: dict[str, int] = {}
+        for item in str(self.memory_caps).split(","):
+            name, _, value = item.strip().partition("=")
+            if not name or not value.strip().isdigit():
+                raise ConfigError(f"memory_caps must read 'name=N[,name=N]', got {self.memory_caps!r}")
+            caps[name.strip()] = int(value)
+        return caps
+
+    def n_last_frames_for(self, sequence: str) -> int:
+        """The memory length for ``sequence``: n_last_frames, capped where memory_caps names it."""
+        cap = self.caps().get(sequence)
+        return self.n_last_frames if cap is None else min(self.n_last_frames, cap)
 
 
 def _check_size(name: str, size: tuple[int, int]) -> tuple[int, int]:
@@ -82,23 +108,28 @@ def labels_to_onehot(
 
 
 def soft_to_labels(
-    soft: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]
+    soft: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int], layout: str = "davis"
 ) -> np.ndarray:
     """The written mask of a soft output (K+1, h, w): a (H0, W0) uint8 array of channel indices.
 
-    Upsample bilinearly (align_corners=False) to the network input size, min-max normalise every channel
-    whose maximum is above 0 (others are left alone), argmax over channels (first channel wins ties), and
-    resize to the original frame size with nearest neighbour. A constant positive channel has no range: the
+    DAVIS layout: upsample bilinearly (align_corners=False) to the network input size, min-max normalise
+    every channel whose maximum is above 0 (others are left alone), argmax over channels (first channel
+    wins ties), and resize to the original frame size with nearest neighbour (released
+    diff-zvos src/eval_vos.py:98-103). MOSE layout: upsample bilinearly straight to the original frame size,
+    then normalise and argmax there (eval_vos.py:96-97). A constant positive channel has no range: the
     released code divides 0 by 0, and torch's argmax lets NaN win, so such a channel takes every pixel
     (the first one if several). It is set to +inf here to keep that outcome without NaNs.
     """
+    if layout not in ("davis", "mose"):
+        raise ValueError(f"no post-processing rule for dataset layout {layout!r}")
     if soft.dim() != 3 or soft.shape[0] < 1:
         raise ValueError(f"soft output must be (K+1, h, w), got shape {tuple(soft.shape)}")
     if soft.shape[0] > MAX_CLASSES:
         raise ValueError(f"{soft.shape[0]} channels do not fit a uint8 label map (at most {MAX_CLASSES})")
     input_size = _check_size("input_size", input_size)
     output_size = _check_size("output_size", output_size)
-    up = F.interpolate(soft[None].to(torch.float32), size=input_size, mode="bilinear", align_corners=False)[0]
+    target = output_size if layout == "mose" else input_size
+    up = F.interpolate(soft[None].to(torch.float32), size=target, mode="bilinear", align_corners=False)[0]
     flat = up.reshape(up.shape[0], -1)
     low = flat.amin(dim=1, keepdim=True)
     high = flat.amax(dim=1, keepdim=True)
@@ -107,8 +138,8 @@ def soft_to_labels(
     span = shifted.amax(dim=1, keepdim=True)
     normalised = torch.where(span > 0, shifted / torch.where(span > 0, span, 1.0), shifted)
     normalised = torch.where(positive & (span == 0), torch.inf, normalised)
-    labels = normalised.argmax(dim=0).reshape(input_size).to(torch.uint8).cpu().numpy()
-    return resize_labels_nearest(labels, output_size)
+    labels = normalised.argmax(dim=0).reshape(target).to(torch.uint8).cpu().numpy()
+    return labels if target == output_size else resize_labels_nearest(labels, output_size)
 
 
 def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -186,6 +217,8 @@ def propagate_sequence(
     num_frames: int | None = None,
     screen: bool | None = None,
     workspace: PropagationWorkspace | None = None,
+    ground_truth: Callable[[int], np.ndarray] | None = None,
+    layout: str = "davis",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (t, labels) for t = 1 .. T-1: the propagated (H0, W0) uint8 channel-index map of frame t.
 
@@ -195,7 +228,10 @@ def propagate_sequence(
     ``num_classes`` = K+1. ``input_size`` is the (H, W) the network saw, ``output_size`` = (H0, W0).
     Everything runs on the device of frame 0's features; the memory lives in preallocated buffers there.
     ``screen`` is propagate_prepared's (None: bfloat16 screening where it pays); a ``workspace`` passed in
-    is the one the frames use, so its screening statistics can be read afterwards.
+    is the one the frames use, so its screening and filter statistics can be read afterwards.
+    ``settings.filter`` names a correspondence filter; ``ground_truth(t)`` ((H0, W0) channel indices of
+    frame t) feeds it, and is required by filters that need ground truth. ``layout`` (the dataset's)
+    picks the released post-processing order of :func:`soft_to_labels`.
     """
     if not isinstance(settings, PropagationSettings):
         raise ConfigError(f"settings must be a PropagationSettings, got {type(settings).__name__}")
@@ -210,9 +246,33 @@ def propagate_sequence(
     if read.num_frames < 1:
         raise DataError("the sequence has no frame")
     workspace = workspace if workspace is not None else PropagationWorkspace()
+    correspondence_filter = None if settings.filter is None else get_filter(settings.filter)
+    needs_truth = correspondence_filter is not None and correspondence_filter.needs_ground_truth
+    if needs_truth and ground_truth is None:
+        raise DataError(
+            f"correspondence filter {settings.filter!r} needs the ground truth of every frame, and this "
+            "split has none (test-dev / MOSE-style splits give first-frame masks only)"
+        )
+    truth = ground_truth if needs_truth else None
     return _propagate(
-        read, first_labels, int(num_classes), settings, input_size, output_size, progress, screen, workspace
+        read,
+        first_labels,
+        int(num_classes),
+        settings,
+        _Output(input_size, output_size, progress, layout),
+        screen,
+        workspace,
+        correspondence_filter,
+        truth,
     )
+
+
+@dataclass(frozen=True)
+class _Output:
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    progress: bool
+    layout: str = "davis"
 
 
 def _propagate(
@@ -220,11 +280,11 @@ def _propagate(
     first_labels: np.ndarray,
     num_classes: int,
     settings: PropagationSettings,
-    input_size: tuple[int, int],
-    output_size: tuple[int, int],
-    progress: bool,
+    output: _Output,
     screen: bool | None,
     workspace: PropagationWorkspace,
+    correspondence_filter: CorrespondenceFilter | None,
+    ground_truth: Callable[[int], np.ndarray] | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """The generator behind propagate_sequence (split off so argument errors raise at call time)."""
     first = unit_query(read(0))
@@ -246,10 +306,32 @@ def _propagate(
         memory_bf16[:, :, 0] = first
     filled = 1
     del first
+    # which frame each slot holds, and (for filters that need it) its ground truth on the feature grid
+    slot_frames = [0] * slots
+    memory_truth = None
+    if ground_truth is not None:
+        memory_truth = torch.empty((height, width, slots), dtype=torch.int64, device=device)
+        memory_truth[:, :, 0] = _truth_on_grid(first_labels, (height, width), device)
 
     frames = range(1, read.num_frames)
-    for t in tqdm(frames, desc="propagating", unit="frame", disable=not progress, leave=False):
+    for t in tqdm(frames, desc="propagating", unit="frame", disable=not output.progress, leave=False):
         query = unit_query(read(t))
+        filter_context = None
+        query_truth = None
+        if correspondence_filter is not None:
+            if ground_truth is not None and memory_truth is not None:
+                truth_t = np.asarray(ground_truth(t))
+                if truth_t.shape != output.output_size:
+                    raise DataError(
+                        f"ground truth of frame {t} has shape {truth_t.shape}, expected {output.output_size}"
+                    )
+                query_truth = _truth_on_grid(truth_t, (height, width), device)
+            filter_context = FilterContext(
+                frame=t,
+                memory_frames=tuple(slot_frames[:filled]),
+                query_truth=query_truth,
+                memory_truth=None if memory_truth is None else memory_truth[:, :, :filled],
+            )
         soft = propagate_prepared(
             query,
             memory_feats[:, :, :filled],
@@ -261,6 +343,8 @@ def _propagate(
             screen=screen,
             memory_bf16=None if memory_bf16 is None else memory_bf16[:, :, :filled],
             workspace=workspace,
+            correspondence_filter=correspondence_filter,
+            filter_context=filter_context,
         )
         if n_previous > 0 and t < read.num_frames - 1:
             # FIFO over slots 1..n_previous: frame t replaces frame t - n_previous (slot order is irrelevant,
@@ -270,5 +354,14 @@ def _propagate(
             if memory_bf16 is not None:
                 memory_bf16[:, :, slot] = query
             memory_masks[:, :, slot] = soft
+            slot_frames[slot] = t
+            if memory_truth is not None and query_truth is not None:
+                memory_truth[:, :, slot] = query_truth
             filled = min(filled + 1, slots)
-        yield t, soft_to_labels(soft.permute(2, 0, 1), input_size, output_size)
+        yield t, soft_to_labels(soft.permute(2, 0, 1), output.input_size, output.output_size, output.layout)
+
+
+def _truth_on_grid(labels: np.ndarray, grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H0, W0) channel indices -> (h, w) int64 on the feature grid (nearest, as the first-frame mask)."""
+    small = resize_labels_nearest(np.asarray(labels).astype(np.uint8), grid_size)
+    return torch.from_numpy(small.astype(np.int64)).to(device)

@@ -1,0 +1,60 @@
+"""What a segmentation method receives for one sequence, and what it must provide.
+
+The pipeline owns the dataset, the backbone and the feature cache; a method sees one sequence through a
+:class:`SequenceContext` (lazy features, first-frame labels, optional ground truth) and yields masks. This
+keeps methods free of I/O plumbing and lets a new method be a single file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from backbones import Backbone
+
+FeatureReader = Callable[[int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SequenceContext:
+    """One sequence as a method sees it (all frame indices are 0..num_frames-1).
+
+    ``features(t)`` is frame t's (C, h, w) float32 map of the run's backbone, time step and layer, read
+    from the cache. ``first_labels`` holds channel indices 0..K (0 = background, void already 0) at the
+    original frame size ``output_size``; ``num_classes`` = K+1. ``ground_truth(t)`` gives frame t's labels
+    in the same channel indices, or is None when the split has no full ground truth. ``extract_features``
+    re-extracts through the same cache with changed backbone settings (keyword arguments ``layer``,
+    ``timestep``, ``ensemble_size``, ``condition``) and returns another frame -> features reader.
+    ``metrics`` is a per-sequence sink for diagnostics; the pipeline copies it into the SequenceOutcome.
+    """
+
+    name: str
+    num_frames: int
+    features: FeatureReader
+    first_labels: np.ndarray
+    num_classes: int
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    ground_truth: Callable[[int], np.ndarray] | None
+    device: torch.device
+    progress: bool
+    layout: str
+    extract_features: Callable[..., FeatureReader]
+    backbone: Backbone | None = None
+    load_frames: Callable[[list[int]], torch.Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A registered segmentation method: a name, a frozen settings dataclass with defaults, and the
+    per-sequence generator yielding (t, (H0, W0) uint8 channel-index labels) for t = 1..T-1."""
+
+    name: str
+    settings_class: type
+
+    def segment_sequence(self, ctx: SequenceContext, settings: Any) -> Iterator[tuple[int, np.ndarray]]: ...
