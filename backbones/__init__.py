@@ -40,6 +40,12 @@ _MODULES: dict[str, str] = {
     "sd1.5": "backbones.sd",
     "sd": "backbones.sd",
     "sd-tiny": "backbones.sd",
+    "dino-vits8": "backbones.dino",
+    "dino-vitb8": "backbones.dino",
+    "dino-xcits8": "backbones.dino",
+    "dino-vits8-tiny": "backbones.dino",
+    "dino-vitb8-tiny": "backbones.dino",
+    "dino-xcits8-tiny": "backbones.dino",
 }
 
 

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError, HarnessWarning
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise HarnessError(f"--set expects KEY=VALUE, got {text!r}")
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({problem})") from error
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -37,12 +42,23 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from harness.data import open_dataset
-    from harness.evaluation import evaluate_dataset, write_results
+    from harness.evaluation import ScoringPlan, evaluate_dataset, write_results
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
     dataset = open_dataset(args.root, args.split)
+    plan = ScoringPlan.of(dataset)
     result = evaluate_dataset(dataset, Path(args.predictions), progress=not args.quiet)
-    write_results(result, Path(args.out), args.split)
+    if result.skipped:
+        warnings.warn(
+            f"no object in the first-frame mask of {', '.join(result.skipped)}: skipped in the scores",
+            HarnessWarning,
+            stacklevel=1,
+        )
+    write_results(result, out, args.split)
     _print_metrics(result.global_metrics)
+    print(plan.summary())
     return 0
 
 
@@ -61,36 +77,82 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.quiet:
         config = config.with_overrides({"progress": False})
     result = run(config)
+    print(result.sequence_table)
     print(f"predictions: {result.predictions_dir}")
     if result.metrics is not None:
         _print_metrics(result.metrics)
+    if result.scoring is not None:
+        print(result.scoring.summary())
     if result.submission_zip is not None:
         print(f"submission archive: {result.submission_zip}")
     return 0
 
 
+def _weights_here(name: str, info: dict[str, Any]) -> str:
+    """Whether this machine has the backbone's weights where it looks for them (no download, no load)."""
+    from backbones.sd import KNOWN_MODELS, cached_commit
+
+    if name in KNOWN_MODELS:
+        spec = KNOWN_MODELS[name]
+        found = cached_commit(spec.repo_id, spec.revision)
+        return "yes (HF cache)" if found else f"no ({spec.repo_id} not in the HF cache)"
+    weights = str(info.get("weights") or "")
+    if not weights or weights.startswith("none"):
+        return "none needed"
+    # file-based backbones describe their weights as "<path>" or "<path> (downloaded from URL if missing)"
+    path = Path(weights.split(" (", 1)[0])
+    if path.is_absolute():
+        return "yes" if path.exists() else f"no ({path})"
+    return "depends on options (see --layers " + name + ")"
+
+
 def cmd_backbones_list(args: argparse.Namespace) -> int:
     from backbones import available_backbones, describe_backbone
 
+    if args.layers:
+        info = describe_backbone(args.layers)
+        print(f"{args.layers}: default t {info['default_timestep']}, default layer {info['default_layer']}")
+        if info.get("weights"):
+            print(f"weights: {info['weights']}")
+        print(f"{'layer':>8}  {'channels':>8}  {'stride':>6}")
+        for layer in info["layers"]:
+            print(f"{layer['layer']!s:>8}  {layer['channels']:>8}  {layer['stride']:>6}")
+        return 0
+    rows = [("name", "default t", "default layer", "weights here")]
     for name in available_backbones():
         info = describe_backbone(name)
-        print(f"{name}: default t {info['default_timestep']}, default layer {info['default_layer']}")
-        if info.get("weights"):
-            print(f"  weights: {info['weights']}")
-        for layer in info["layers"]:
-            print(f"  layer {layer['layer']}: {layer['channels']} channels, stride {layer['stride']}")
+        rows.append(
+            (name, str(info["default_timestep"]), str(info["default_layer"]), _weights_here(name, info))
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        )
+    print("layers of one backbone: harness backbones list --layers NAME")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from harness.features import FeatureCache, default_cache_dir, format_cache_info
+    from harness.features import FeatureCache, default_cache_dir, default_max_bytes, format_cache_info
 
-    cache = FeatureCache(Path(args.dir) if args.dir else default_cache_dir())
+    configured_dir, max_gb = None, None
+    if args.config:
+        from harness.config import RunConfig
+
+        config = RunConfig.from_yaml(args.config)
+        configured_dir, max_gb = config.cache.dir, config.cache.max_gb
+    root = Path(args.dir or configured_dir or default_cache_dir()).expanduser()
+    cache = FeatureCache(root)
     if args.action == "clear":
         removed = cache.clear()
-        print(f"removed {removed} entries from {cache.info().root}")
+        print(f"removed {removed} entries from {root}")
+        return 0
+    if max_gb is not None:
+        cache.max_bytes, source = int(max_gb * 1024**3), f"cache.max_gb in {args.config}"
     else:
-        print(format_cache_info(cache.info()))
+        cache.max_bytes, source = default_max_bytes(root), "the default: half of (cache size + free disk)"
+    print(format_cache_info(cache.info(breakdown=True, cap_source=source)))
     return 0
 
 
@@ -163,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     backbones = sub.add_parser("backbones", help="feature extractors").add_subparsers(
         dest="action", required=True
     )
-    listing = backbones.add_parser("list", help="backbones, their layers and where weights are looked for")
+    listing = backbones.add_parser("list", help="backbones, default t and layer, whether weights are here")
+    listing.add_argument("--layers", metavar="NAME", help="the layer table of backbone NAME")
     listing.set_defaults(func=cmd_backbones_list)
 
     sweep = sub.add_parser("sweep", help="create or resume an Optuna study (studies/*.yaml)")
@@ -199,13 +262,38 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="the on-disk feature cache")
     cache.add_argument("action", choices=["info", "clear"])
     cache.add_argument("--dir", help="cache folder (default: $DIFFVOS_CACHE_DIR or ./cache/features)")
+    cache.add_argument("--config", help="a run configuration whose cache.dir and cache.max_gb to use")
     cache.set_defaults(func=cmd_cache)
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """Harness warnings as one line on stderr (not Python's file:line + source form)."""
+    if issubclass(category, HarnessWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _DEFAULT_SHOWWARNING(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+
+_DEFAULT_SHOWWARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` (including --help) belongs to the benchmark runner's own parser.
+        from harness.bench.runner import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", HarnessWarning)
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except HarnessError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from harness.errors import ConfigError
 from harness.methods import DEFAULT_METHOD, get_method
 
 DTYPES = ("fp32", "bf16", "fp16")
+#: a decimal number as text, e.g. "1e-3" (which YAML 1.1 does not read as a float); no nan/inf
+_NUMERIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class BackboneConfig:
             raise ConfigError(f"backbone.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
+#: the largest accepted input.short_side: 4K frames (2160 rows); 100000 once ran a machine out of memory
+MAX_SHORT_SIDE = 2160
+
+
 @dataclass(frozen=True)
 class InputConfig:
     #: frames are resized so that their short side is this long (the paper uses 480)
@@ -60,6 +67,11 @@ class InputConfig:
     def __post_init__(self) -> None:
         if self.short_side < 8:
             raise ConfigError(f"input.short_side must be >= 8, got {self.short_side}")
+        if self.short_side > MAX_SHORT_SIDE:
+            raise ConfigError(
+                f"input.short_side {self.short_side} is above the largest supported {MAX_SHORT_SIDE} "
+                "(the paper uses 480)"
+            )
 
 
 @dataclass(frozen=True)
@@ -223,6 +235,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         origin = typing.get_origin(option) or option
         if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str) and _NUMERIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         if origin is int and isinstance(value, bool):
             continue
         if isinstance(origin, type) and isinstance(value, origin):

@@ -6,4 +6,9 @@ re-exported here for the rest of the harness.
 
 from backbones.errors import ConfigError, DataError, HarnessError, WeightsNotFoundError
 
-__all__ = ["ConfigError", "DataError", "HarnessError", "WeightsNotFoundError"]
+
+class HarnessWarning(UserWarning):
+    """Something a run or evaluation carried on past but the user should know (the CLI prints one line)."""
+
+
+__all__ = ["ConfigError", "DataError", "HarnessError", "HarnessWarning", "WeightsNotFoundError"]

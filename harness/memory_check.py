@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 
 from backbones.base import FLOAT32_BYTES, Backbone, LayerKey
-from harness.config import RunConfig
+from harness.config import MAX_SHORT_SIDE, RunConfig
 from harness.data import Dataset
 from harness.errors import ConfigError
 from harness.frames import network_input_size
 
-#: the largest accepted ``input.short_side``: 4K frames (2160 rows) at full size
-MAX_SHORT_SIDE = 2160
 #: the propagation's windowed affinity work is planned to stay under this (harness.methods.labelprop.affinity)
 PROPAGATION_WORKING_BYTES = 256 * 2**20
 #: a margin for what is not counted (the interpreter, libraries, allocator slack)
@@ -101,7 +99,7 @@ def estimate_run_memory(
 ) -> RunMemoryEstimate:
     """The memory of the run's most demanding sequence (largest frames x most frames)."""
     short_side = config.input.short_side
-    if short_side > MAX_SHORT_SIDE:
+    if short_side > MAX_SHORT_SIDE:  # InputConfig refuses it already; a hand-built config may not
         raise ConfigError(
             f"input.short_side {short_side} is above the largest supported {MAX_SHORT_SIDE} "
             "(the paper uses 480)"

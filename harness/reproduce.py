@@ -164,19 +164,11 @@ def resolved_settings(config: RunConfig) -> dict[str, Any]:
 
 
 def weights_status(backbone_name: str) -> str:
-    """Whether the weights a backbone needs are on this machine: "present", "missing" or "none needed"."""
-    if backbone_name.endswith("-tiny") or backbone_name == "random-conv":
-        return "none needed"
-    if backbone_name == "adm":
-        from backbones.adm import OFFICIAL_FILENAME, weights_dir
+    """Whether the weights a backbone needs are on this machine, as `harness backbones list` says it."""
+    from backbones import describe_backbone
+    from harness.cli import _weights_here
 
-        return "present" if (weights_dir() / OFFICIAL_FILENAME).is_file() else "missing"
-    from backbones import sd
-
-    if backbone_name in sd.KNOWN_MODELS:
-        spec = sd.KNOWN_MODELS[backbone_name]
-        return "present" if sd.cached_commit(spec.repo_id, spec.revision) else "missing"
-    return "unknown"
+    return _weights_here(backbone_name, describe_backbone(backbone_name))
 
 
 def format_listing() -> str:

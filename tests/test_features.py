@@ -126,7 +126,10 @@ def make_key(**overrides: object) -> FeatureKey:
 
 
 def entry_files(root: Path) -> list[Path]:
-    return sorted(path for path in root.rglob("*") if path.is_file())
+    """Files under ``root`` but the cache's marker."""
+    return sorted(
+        path for path in root.rglob("*") if path.is_file() and path.name != cache_module.MARKER_NAME
+    )
 
 
 # -- extraction without cache ----------------------------------------------------------------------------

@@ -74,10 +74,20 @@ def _config(root: Path, out: Path, **overrides: object) -> RunConfig:
 
 
 def test_a_huge_short_side_is_refused_before_any_work(synth_root: Path, tmp_path: Path) -> None:
-    config = _config(synth_root, tmp_path, **{"input.short_side": 100000})
     with pytest.raises(ConfigError, match=f"above the largest supported {MAX_SHORT_SIDE}"):
-        run(config)
-    assert not (tmp_path / "run").exists()
+        _config(synth_root, tmp_path, **{"input.short_side": 100000})
+    assert _config(synth_root, tmp_path, **{"input.short_side": MAX_SHORT_SIDE}).input.short_side == 2160
+    # the largest accepted size for a real-size model on this data: refused by the memory estimate, at once
+    config = _config(
+        synth_root, tmp_path, **{"input.short_side": MAX_SHORT_SIDE, "backbone.name": "adm-tiny"}
+    )
+    dataset = open_dataset(synth_root, "val")
+    backbone = load_backbone("adm-tiny", device="cpu")
+    with pytest.raises(ConfigError, match="needs about"):
+        check_run_memory(config, dataset, backbone, 4, available=AvailableMemory(host=2**33))
+    with pytest.raises(ConfigError, match="needs about"):
+        run(config.with_overrides({"backbone.batch_size": 64, "backbone.ensemble_size": 64}))
+    assert not (tmp_path / "run" / "predictions").exists()
 
 
 def test_runs_that_do_not_fit_the_free_memory_are_refused(synth_root: Path, tmp_path: Path) -> None:

@@ -195,10 +195,8 @@ def test_cli_run_evaluate_and_errors(
 
 def test_cli_backbones_list_and_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["backbones", "list"]) == 0
-    listing = capsys.readouterr().out
-    assert "adm: default t 30, default layer 6" in listing
-    assert "layer 6: 512 channels, stride 8" in listing
-    assert "sd2.1: default t 100, default layer 9" in listing
+    listing = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert ["adm", "30", "6"] in listing and ["sd2.1", "100", "9"] in listing
     assert main(["cache", "info", "--dir", str(tmp_path / "c")]) == 0
     assert "entries" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path / "c")]) == 0

@@ -7,8 +7,9 @@ Only the first frame needs a mask (semi-supervised VOS); other masks, when prese
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
@@ -53,6 +54,30 @@ class Sequence:
             )
         return mask
 
+    def check_frame_sizes(self) -> tuple[int, int]:
+        """(width, height) shared by every frame; a DataError naming the first frame that differs.
+
+        Predictions are written at the first frame's size, so a sequence must not mix sizes.
+        """
+        size = self.frame_size(0)
+        for path in self.frames[1:]:
+            other = image_size(path)
+            if other != size:
+                raise DataError(
+                    f"sequence {self.name!r}: frame {path} is {other[0]}x{other[1]} but its first frame "
+                    f"{self.frames[0]} is {size[0]}x{size[1]}; every frame of a sequence must have one size"
+                )
+        return size
+
+    def missing_annotations(self) -> list[str]:
+        """Frame names without a ground-truth mask (the first frame always has one)."""
+        return [name for name in self.frame_names if name not in self.annotations]
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """True when any frame after the first is annotated (a val-like sequence, not a test-dev one)."""
+        return len(self.annotations) > 1
+
     def first_mask(self) -> np.ndarray:
         return self.load_mask(self.frames[0].stem)
 
@@ -82,6 +107,34 @@ class Dataset:
             if sequence.name == name:
                 return sequence
         raise DataError(f"no sequence {name!r} in {self.root} ({self.split})")
+
+
+def check_entry_name(name: str, what: str, source: object) -> str:
+    """``name`` if it is one plain path component; a DataError otherwise.
+
+    Names read from data (split files, folder listings, configs) become paths under a dataset root or an
+    output folder. An absolute name, ``..`` or a separator would make them read or write elsewhere.
+    """
+    plain = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not PureWindowsPath(name).drive
+    )
+    if not plain:
+        raise DataError(
+            f"{source}: {what} {name!r} is not a plain name (absolute paths, '..' and separators are refused)"
+        )
+    return name
+
+
+def _check_unique(names: list[str], what: str, source: object) -> None:
+    """Duplicates would be processed and counted twice in the metrics."""
+    duplicates = [name for name, count in Counter(names).items() if count > 1]
+    if duplicates:
+        raise DataError(f"{source}: {what} listed more than once: {', '.join(duplicates)}")
 
 
 def _list_images(folder: Path, suffixes: tuple[str, ...]) -> tuple[Path, ...]:
@@ -114,7 +167,17 @@ def read_split(root: Path, split: str) -> list[str]:
     names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     if not names:
         raise DataError(f"split file {split_file} lists no sequences")
+    for name in names:
+        check_entry_name(name, "sequence name", split_file)
+    _check_unique(names, "sequences", split_file)
     return names
+
+
+def _setup_hint(root: Path) -> str:
+    """The command that creates a missing dataset root (paths are relative to the working directory)."""
+    if root.name == "synth":
+        return f"generate the synthetic dataset with: harness data synth --out {root}"
+    return f"download DAVIS-2017 with: harness data download davis2017 --root {root}"
 
 
 def open_dataset(
@@ -126,7 +189,7 @@ def open_dataset(
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"dataset root {root} does not exist")
+        raise DataError(f"dataset root {root} does not exist; {_setup_hint(root)}")
     if (root / "JPEGImages" / resolution).is_dir():
         layout = "davis"
         frame_root = root / "JPEGImages" / resolution
@@ -136,13 +199,16 @@ def open_dataset(
         layout = "mose"
         frame_root = root / "JPEGImages"
         mask_root = root / "Annotations"
-        names = sorted(p.name for p in frame_root.iterdir() if p.is_dir())
+        names = sorted(p.name for p in frame_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     else:
         raise DataError(
             f"{root} is not a dataset: expected JPEGImages/{resolution}/<sequence> (DAVIS-2017) "
             "or JPEGImages/<sequence> (MOSE-style)"
         )
     if sequences is not None:
+        for name in sequences:
+            check_entry_name(name, "sequence name", "dataset.sequences")
+        _check_unique(list(sequences), "sequences", "dataset.sequences")
         unknown = [name for name in sequences if name not in names]
         if unknown:
             raise DataError(f"sequences not in {root} ({split}): {', '.join(unknown)}")

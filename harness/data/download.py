@@ -160,9 +160,17 @@ def download_davis2017(
         if _is_unpacked(root, split):
             continue
         (url,) = archive_urls(base_url, [split])
-        archive = download_file(
-            url, archive_dir / DAVIS_ARCHIVES[split], progress=progress, timeout=timeout, offline_hint=hint
-        )
+        try:
+            archive = download_file(
+                url,
+                archive_dir / DAVIS_ARCHIVES[split],
+                progress=progress,
+                timeout=timeout,
+                offline_hint=hint,
+            )
+        except BaseException:
+            _remove_if_empty(archive_dir)  # offline: leave no empty archive folder behind (a part file stays)
+            raise
         files = _check_archive(archive)
         root.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.unpack-"))
@@ -180,6 +188,12 @@ def download_davis2017(
             raise
         if not keep_archives:
             archive.unlink(missing_ok=True)
-    if archive_dir.is_dir() and not any(archive_dir.iterdir()):
-        archive_dir.rmdir()
+    _remove_if_empty(archive_dir)
     return root
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass

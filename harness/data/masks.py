@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from harness.errors import DataError
+from harness.files import mkstemp_shared
 
 VOID_ID = 255
 
@@ -91,7 +91,7 @@ def write_mask(path: Path, labels: np.ndarray, palette: list[int] | None = None)
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     image.putpalette(palette if palette is not None else DAVIS_PALETTE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
             image.save(stream, format="PNG")

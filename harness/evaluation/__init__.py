@@ -4,9 +4,11 @@ from harness.evaluation.evaluate import (
     GLOBAL_COLUMNS,
     EvaluationResult,
     ObjectScores,
+    ScoringPlan,
     evaluate_dataset,
     evaluate_sequence,
     frame_scores,
+    scored_frames,
     write_results,
 )
 from harness.evaluation.metrics import (
@@ -23,6 +25,7 @@ __all__ = [
     "GLOBAL_COLUMNS",
     "EvaluationResult",
     "ObjectScores",
+    "ScoringPlan",
     "Statistics",
     "boundary_f_score",
     "boundary_map",
@@ -32,6 +35,7 @@ __all__ = [
     "f_measure",
     "frame_scores",
     "jaccard",
+    "scored_frames",
     "sequence_statistics",
     "write_results",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -33,10 +32,13 @@ from harness.evaluation.metrics import (
     f_from_counts,
     sequence_statistics,
 )
+from harness.files import mkstemp_shared
 
 GLOBAL_COLUMNS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 PER_OBJECT_COLUMNS = ("Sequence", "J-Mean", "F-Mean")
 PER_FRAME_COLUMNS = ("Sequence", "Object", "Frame", "J", "F")
+#: the J-Mean / F-Mean cell of a sequence that was not scored (its first-frame mask has no object)
+SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,10 +71,13 @@ class EvaluationResult:
 
     objects: tuple[ObjectScores, ...]
     global_metrics: dict[str, float] = field(default_factory=dict)
+    #: sequences left out of the metrics because their first-frame mask has no object
+    skipped: tuple[str, ...] = ()
 
     @classmethod
-    def from_objects(cls, objects: Iterable[ObjectScores]) -> EvaluationResult:
+    def from_objects(cls, objects: Iterable[ObjectScores], skipped: Iterable[str] = ()) -> EvaluationResult:
         objects = tuple(objects)
+        skipped = tuple(skipped)
         if not objects:
             raise DataError("nothing to evaluate: no sequence has an object in its first-frame mask")
         j_stats = np.array([obj.j_statistics for obj in objects], dtype=np.float64)
@@ -80,11 +85,17 @@ class EvaluationResult:
         j_mean, j_recall, j_decay = (float(np.mean(j_stats[:, k])) for k in range(3))
         f_mean, f_recall, f_decay = (float(np.mean(f_stats[:, k])) for k in range(3))
         values = ((j_mean + f_mean) / 2.0, j_mean, j_recall, j_decay, f_mean, f_recall, f_decay)
-        return cls(objects=objects, global_metrics=dict(zip(GLOBAL_COLUMNS, values, strict=True)))
+        metrics = dict(zip(GLOBAL_COLUMNS, values, strict=True))
+        return cls(objects=objects, global_metrics=metrics, skipped=skipped)
 
-    def per_object_rows(self) -> list[tuple[str, float, float]]:
-        """(``<seq>_<id>``, J-Mean, F-Mean) per object, in dataset order."""
-        return [(obj.name, obj.j_statistics.mean, obj.f_statistics.mean) for obj in self.objects]
+    def per_object_rows(self) -> list[tuple[str, float | str, float | str]]:
+        """(``<seq>_<id>``, J-Mean, F-Mean) per object in dataset order, then (``<seq>``, "skipped",
+        "skipped") for each sequence left out because its first-frame mask has no object."""
+        rows: list[tuple[str, float | str, float | str]] = [
+            (obj.name, obj.j_statistics.mean, obj.f_statistics.mean) for obj in self.objects
+        ]
+        rows += [(name, SKIPPED, SKIPPED) for name in self.skipped]
+        return rows
 
     def per_frame_rows(self) -> list[tuple[str, int, str, float, float]]:
         """(sequence, object id, frame name, J, F) for every scored frame of every object."""
@@ -185,11 +196,10 @@ def _prediction(path: Path, shape: tuple[int, int], num_objects: int) -> np.ndar
     return np.ascontiguousarray(labels, dtype=np.uint8)
 
 
-def evaluate_sequence(sequence: Sequence, prediction_dir: Path) -> list[ObjectScores]:
-    """Scores of objects 1..K of one sequence, K being the largest id in the first ground-truth mask.
+def scored_frames(sequence: Sequence) -> list[str]:
+    """The frames that scoring uses: the annotated frames but the first and the last (official rule).
 
-    Scored frames are the annotated frames but the first and the last; predictions are read from
-    ``prediction_dir/<sequence>/<frame>.png``.
+    A DataError when that leaves none (a test-dev-like sequence cannot be evaluated).
     """
     frames = _annotated_frames(sequence)
     if len(frames) < 3:
@@ -197,8 +207,57 @@ def evaluate_sequence(sequence: Sequence, prediction_dir: Path) -> list[ObjectSc
             f"sequence {sequence.name!r} has no ground truth to evaluate against: {len(frames)} annotated "
             "frame(s), but scoring skips the first and the last (a test-dev-like split cannot be evaluated)"
         )
-    num_objects = int(_ground_truth(sequence, frames[0]).max())
-    scored = frames[1:-1]
+    return frames[1:-1]
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which frames of a dataset are scored, and which frames have no ground truth (so are not)."""
+
+    #: sequence -> scored frame names
+    scored: dict[str, tuple[str, ...]]
+    #: sequence -> frame names without a ground-truth mask (between the first and the last mask)
+    unannotated: dict[str, tuple[str, ...]]
+    total_frames: int
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> ScoringPlan:
+        scored = {seq.name: tuple(scored_frames(seq)) for seq in dataset.sequences}
+        unannotated = {
+            seq.name: tuple(seq.missing_annotations())
+            for seq in dataset.sequences
+            if seq.missing_annotations()
+        }
+        return cls(scored, unannotated, sum(len(seq.frames) for seq in dataset.sequences))
+
+    @property
+    def num_scored(self) -> int:
+        return sum(len(frames) for frames in self.scored.values())
+
+    def summary(self) -> str:
+        """One line for the console: how many frames were scored and which frames had no ground truth."""
+        line = (
+            f"scored {self.num_scored} of {self.total_frames} frames "
+            "(every annotated frame but the first and last of each sequence; listed in per-frame_results)"
+        )
+        if self.unannotated:
+            missing = sum(len(frames) for frames in self.unannotated.values())
+            examples = ", ".join(f"{seq}/{frames[0]}" for seq, frames in self.unannotated.items())
+            line += (
+                f"; {missing} frame(s) have no ground-truth mask and are not scored "
+                f"(first per sequence: {examples})"
+            )
+        return line
+
+
+def evaluate_sequence(sequence: Sequence, prediction_dir: Path) -> list[ObjectScores]:
+    """Scores of objects 1..K of one sequence, K being the largest id in the first ground-truth mask.
+
+    Scored frames are the annotated frames but the first and the last (:func:`scored_frames`);
+    predictions are read from ``prediction_dir/<sequence>/<frame>.png``.
+    """
+    scored = scored_frames(sequence)
+    num_objects = int(_ground_truth(sequence, _annotated_frames(sequence)[0]).max())
     sequence_dir = Path(prediction_dir) / sequence.name
     if not sequence_dir.is_dir():
         raise DataError(f"no predictions for sequence {sequence.name!r}: {sequence_dir} is not a folder")
@@ -256,7 +315,10 @@ def evaluate_dataset(
                     raise
     finally:
         bar.close()
-    return EvaluationResult.from_objects(obj for scores in per_sequence if scores for obj in scores)
+    skipped = [seq.name for seq, scores in zip(sequences, per_sequence, strict=True) if not scores]
+    return EvaluationResult.from_objects(
+        (obj for scores in per_sequence if scores for obj in scores), skipped=skipped
+    )
 
 
 def _csv_text(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
@@ -271,7 +333,7 @@ def _csv_text(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same folder and rename, so readers never see a half-written CSV."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = mkstemp_shared(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", newline="") as stream:
             stream.write(text)

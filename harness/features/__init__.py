@@ -3,11 +3,14 @@
 
 from harness.features.cache import (
     DTYPES,
+    CacheGroup,
     CacheInfo,
+    CacheNotWritableError,
     CacheStats,
     FeatureCache,
     FeatureKey,
     default_cache_dir,
+    default_max_bytes,
     format_bytes,
     format_cache_info,
     frame_identity,
@@ -16,11 +19,14 @@ from harness.features.extract import extract_sequence_features
 
 __all__ = [
     "DTYPES",
+    "CacheGroup",
     "CacheInfo",
+    "CacheNotWritableError",
     "CacheStats",
     "FeatureCache",
     "FeatureKey",
     "default_cache_dir",
+    "default_max_bytes",
     "extract_sequence_features",
     "format_bytes",
     "format_cache_info",

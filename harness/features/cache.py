@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize_tensors
 
 from harness.errors import ConfigError, DataError
+from harness.files import mkstemp_shared
 
 DTYPES = ("fp32", "bf16", "fp16")
 #: version tag stored in every entry; bump it when the entry layout changes
@@ -37,9 +39,18 @@ TEMP_PREFIX = ".tmp-"
 SCAN_EVERY_PUTS = 64
 #: eviction frees space down to this fraction of the cap so that the next puts do not each trigger a scan
 EVICT_TO_FRACTION = 0.9
-#: temporary files older than this are left over from killed writers and are removed by scans
-STALE_TEMP_SECONDS = 3600.0
+#: temporary files older than this are left over from killed writers; scans and prepare() remove them
+STALE_TEMP_SECONDS = 3 * 3600.0
 ENV_CACHE_DIR = "DIFFVOS_CACHE_DIR"
+#: written at the root of every cache folder; clear() refuses folders without it
+MARKER_NAME = ".diffvos-feature-cache"
+MARKER_TEXT = "This folder is a diffvos-harness feature cache; `harness cache clear` may empty it.\n"
+#: the only files the cache ever deletes: entries ``<2 hex>/<64 hex>.<fp32|fp16>.safetensors`` and temps
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}\.(fp32|fp16)\.safetensors")
+_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+_TEMP_NAME = re.compile(r"\.tmp-[^/]*\.part")
+#: the default cap is this fraction of what the cache could hold: its size now plus the free disk
+DEFAULT_CAP_FRACTION = 0.5
 
 _STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -48,6 +59,22 @@ def default_cache_dir() -> Path:
     """``$DIFFVOS_CACHE_DIR`` when set, else ``./cache/features`` (relative to the working directory)."""
     configured = os.environ.get(ENV_CACHE_DIR, "").strip()
     return Path(configured).expanduser() if configured else Path("cache") / "features"
+
+
+def default_max_bytes(root: Path) -> int:
+    """The default size cap of a cache at ``root``: half of (its current size + the free disk space).
+
+    Half, so that the cache never takes the last of the disk from the predictions, logs and other users
+    of the file system; counting its current size keeps a full cache from shrinking its own cap. The
+    free space is read on the nearest existing folder of ``root``. Sweep pre-flights call this too.
+    """
+    root = Path(root)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    current = sum(entry.size for entry in FeatureCache(root)._scan()) if root.is_dir() else 0
+    return max(1, int(DEFAULT_CAP_FRACTION * (free + current)))
 
 
 def frame_identity(path: Path) -> str:
@@ -118,11 +145,33 @@ class CacheStats:
 
 
 @dataclass(frozen=True)
+class CacheGroup:
+    """The entries of one (backbone, time step, layer) in a cache."""
+
+    backbone: str
+    timestep: int
+    layer: str
+    entries: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
 class CacheInfo:
     root: Path
     entries: int
     total_bytes: int
     max_bytes: int | None
+    #: temporary files of writers (of killed ones when old), and their bytes
+    temp_files: int = 0
+    temp_bytes: int = 0
+    #: size by backbone, time step and layer (only when asked for: it reads every entry's header)
+    groups: tuple[CacheGroup, ...] = ()
+    #: where ``max_bytes`` comes from, for display (e.g. "cache.max_gb", "default")
+    cap_source: str = ""
+
+
+class CacheNotWritableError(ConfigError):
+    """The cache folder cannot be created or written (a run then goes on without a cache)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +179,13 @@ class _EntryFile:
     path: Path
     size: int
     last_used: float
+
+
+@dataclass(frozen=True)
+class _TempFile:
+    path: Path
+    size: int
+    modified: float
 
 
 class _CorruptEntry(Exception):
@@ -156,6 +212,7 @@ class FeatureCache:
         self._storage = "fp16" if fp16 else "fp32"
         self._estimated_bytes: int | None = None
         self._puts_since_scan = 0
+        self._claimed = False
 
     # -- entries ---------------------------------------------------------------------------------------
 
@@ -199,6 +256,8 @@ class FeatureCache:
             "crc32": str(_checksum(tensor)),
         }
         data = serialize_tensors({TENSOR_NAME: tensor}, metadata=metadata)
+        if not self._claimed:
+            self._claim()
         path = self.path_for(key)
         _write_atomically(path, data)
         self._after_put(path, len(data))
@@ -224,6 +283,59 @@ class FeatureCache:
         if metadata.get("crc32") != str(_checksum(tensor)):
             raise _CorruptEntry(f"{path}: checksum mismatch")
         return tensor.float()
+
+    # -- ownership -------------------------------------------------------------------------------------
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER_NAME
+
+    def prepare(self) -> int:
+        """Make the folder a cache (marker) and remove temp files of killed writers; returns how many.
+
+        Called once at the start of a run. CacheNotWritableError when the folder cannot be written.
+        """
+        self._claim()
+        removed = 0
+        for temp in self._scan_temps():
+            if time.time() - temp.modified > STALE_TEMP_SECONDS:
+                temp.path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _claim(self) -> None:
+        """Write the marker into a new or empty folder, or into a cache written before markers existed.
+
+        A folder that holds anything else (model weights, a dataset, ...) is refused: the cache deletes
+        files there and must never touch ones it did not write.
+        """
+        if self.marker.is_file():
+            self._claimed = True
+            return
+        if self.root.is_dir() and not self._holds_only_cache_files():
+            raise ConfigError(
+                f"feature cache folder {self.root} holds files the cache did not write and has no "
+                f"{MARKER_NAME} marker; set cache.dir to an empty or new folder"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(MARKER_TEXT)
+        except OSError as error:
+            raise CacheNotWritableError(
+                f"feature cache folder {self.root} cannot be written: {error.strerror or error}"
+            ) from error
+        self._claimed = True
+
+    def _holds_only_cache_files(self) -> bool:
+        for item in _scandir(self.root):
+            if item.name == MARKER_NAME:
+                continue
+            if not (item.is_dir(follow_symlinks=False) and _SHARD_NAME.fullmatch(item.name)):
+                return False
+            for inner in _scandir(Path(item.path)):
+                if not (_is_entry_name(inner.name, item.name) or _TEMP_NAME.fullmatch(inner.name)):
+                    return False
+        return True
 
     # -- size cap --------------------------------------------------------------------------------------
 
@@ -265,53 +377,116 @@ class FeatureCache:
         if not self.root.is_dir():
             return entries
         now = time.time()
-        for shard in _scandir(self.root):
-            if not shard.is_dir(follow_symlinks=False):
-                continue
+        for shard in self._shards():
             for item in _scandir(Path(shard.path)):
+                if _TEMP_NAME.fullmatch(item.name):
+                    if remove_stale_temps:
+                        try:
+                            if now - item.stat().st_mtime > STALE_TEMP_SECONDS:
+                                Path(item.path).unlink(missing_ok=True)
+                        except FileNotFoundError:
+                            pass
+                    continue
+                if not _is_entry_name(item.name, shard.name):
+                    continue  # not a file the cache wrote: never counted, never deleted
                 try:
                     stat = item.stat()
                 except FileNotFoundError:
                     continue
-                if item.name.startswith(TEMP_PREFIX):
-                    if remove_stale_temps and now - stat.st_mtime > STALE_TEMP_SECONDS:
-                        Path(item.path).unlink(missing_ok=True)
-                    continue
-                if item.name.endswith(ENTRY_SUFFIX):
-                    entries.append(_EntryFile(Path(item.path), stat.st_size, stat.st_mtime))
+                entries.append(_EntryFile(Path(item.path), stat.st_size, stat.st_mtime))
         return entries
+
+    def _scan_temps(self) -> list[_TempFile]:
+        temps = []
+        for shard in self._shards():
+            for item in _scandir(Path(shard.path)):
+                if _TEMP_NAME.fullmatch(item.name):
+                    try:
+                        stat = item.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    temps.append(_TempFile(Path(item.path), stat.st_size, stat.st_mtime))
+        return temps
+
+    def _shards(self) -> list[os.DirEntry[str]]:
+        return [
+            shard
+            for shard in _scandir(self.root)
+            if _SHARD_NAME.fullmatch(shard.name) and shard.is_dir(follow_symlinks=False)
+        ]
 
     # -- maintenance -----------------------------------------------------------------------------------
 
-    def info(self) -> CacheInfo:
+    def info(self, *, breakdown: bool = False, cap_source: str = "") -> CacheInfo:
+        """Entries, bytes, temp files and the cap; ``breakdown`` adds the size per backbone/t/layer."""
         entries = self._scan()
+        temps = self._scan_temps()
         total = sum(entry.size for entry in entries)
         self._estimated_bytes = total
-        return CacheInfo(root=self.root, entries=len(entries), total_bytes=total, max_bytes=self.max_bytes)
+        return CacheInfo(
+            root=self.root,
+            entries=len(entries),
+            total_bytes=total,
+            max_bytes=self.max_bytes,
+            temp_files=len(temps),
+            temp_bytes=sum(temp.size for temp in temps),
+            groups=_group_entries(entries) if breakdown else (),
+            cap_source=cap_source,
+        )
 
     def clear(self) -> int:
-        """Delete every entry (and leftover temporary files); returns the number of entries removed."""
+        """Delete every entry and temp file the cache wrote; returns the number of entries removed.
+
+        Refuses (ConfigError) a folder without the marker: it may be a model or dataset folder that
+        ``cache.dir`` points at by mistake. Files that do not follow the entry naming scheme stay.
+        """
+        if not self.root.is_dir() or not any(True for _ in _scandir(self.root)):
+            return 0
+        if not self.marker.is_file():
+            raise ConfigError(
+                f"{self.root} is not a feature cache (no {MARKER_NAME} marker): refusing to clear it"
+            )
         removed = 0
-        if self.root.is_dir():
-            for shard in _scandir(self.root):
-                if not shard.is_dir(follow_symlinks=False):
+        for shard in self._shards():
+            for item in _scandir(Path(shard.path)):
+                is_entry = _is_entry_name(item.name, shard.name)
+                if not (is_entry or _TEMP_NAME.fullmatch(item.name)):
                     continue
-                for item in _scandir(Path(shard.path)):
-                    is_entry = item.name.endswith(ENTRY_SUFFIX) and not item.name.startswith(TEMP_PREFIX)
-                    if not (is_entry or item.name.startswith(TEMP_PREFIX)):
-                        continue
-                    try:
-                        os.unlink(item.path)
-                    except FileNotFoundError:
-                        continue
-                    removed += is_entry
                 try:
-                    os.rmdir(shard.path)
-                except OSError:
-                    pass  # not empty (foreign files, or another process just wrote into it)
+                    os.unlink(item.path)
+                except FileNotFoundError:
+                    continue
+                removed += is_entry
+            try:
+                os.rmdir(shard.path)
+            except OSError:
+                pass  # not empty (foreign files, or another process just wrote into it)
         self._estimated_bytes = 0
         self._puts_since_scan = 0
         return removed
+
+
+def _is_entry_name(name: str, shard: str) -> bool:
+    return bool(_ENTRY_NAME.fullmatch(name)) and name[:2] == shard
+
+
+def _group_entries(entries: list[_EntryFile]) -> tuple[CacheGroup, ...]:
+    """Entries and bytes per (backbone, time step, layer), read from each entry's stored key."""
+    counts: dict[tuple[str, int, str], list[int]] = {}
+    for entry in entries:
+        try:
+            with safe_open(str(entry.path), framework="pt") as handle:
+                key = json.loads((handle.metadata() or {}).get("key", "{}"))
+            group = (str(key["backbone"]), int(key["timestep"]), str(key["layer"]))
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError):
+            group = ("(unreadable)", -1, "")
+        tally = counts.setdefault(group, [0, 0])
+        tally[0] += 1
+        tally[1] += entry.size
+    return tuple(
+        CacheGroup(backbone, timestep, layer, count, size)
+        for (backbone, timestep, layer), (count, size) in sorted(counts.items())
+    )
 
 
 def format_bytes(count: int) -> str:
@@ -325,19 +500,30 @@ def format_bytes(count: int) -> str:
 
 
 def format_cache_info(info: CacheInfo) -> str:
-    """A few lines for ``harness cache info``."""
+    """A few lines for ``harness cache info``, then the size per backbone / time step / layer if known."""
     if info.max_bytes is None:
         cap = "none"
     else:
         cap = f"{format_bytes(info.max_bytes)} ({100 * info.total_bytes / info.max_bytes:.0f}% used)"
-    return "\n".join(
-        [
-            f"feature cache: {info.root}",
-            f"entries: {info.entries}",
-            f"size: {format_bytes(info.total_bytes)}",
-            f"cap: {cap}",
-        ]
-    )
+        if info.cap_source:
+            cap += f", from {info.cap_source}"
+    lines = [
+        f"feature cache: {info.root}",
+        f"entries: {info.entries}",
+        f"size: {format_bytes(info.total_bytes)}",
+        f"cap: {cap}",
+        f"temporary files: {info.temp_files} ({format_bytes(info.temp_bytes)}; "
+        f"those older than {STALE_TEMP_SECONDS / 3600:.0f} h are left by killed writers, removed on start)",
+    ]
+    if info.groups:
+        width = max(len(group.backbone) for group in info.groups)
+        lines.append(f"{'backbone':<{width}}  {'t':>5}  {'layer':>8}  {'entries':>8}  {'size':>10}")
+        for group in info.groups:
+            lines.append(
+                f"{group.backbone:<{width}}  {group.timestep:>5}  {group.layer:>8}  {group.entries:>8}  "
+                f"{format_bytes(group.total_bytes):>10}"
+            )
+    return "\n".join(lines)
 
 
 def _checksum(tensor: torch.Tensor) -> int:
@@ -349,7 +535,7 @@ def _checksum(tensor: torch.Tensor) -> int:
 def _write_atomically(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, ``os.replace``: the final name only ever holds whole files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX, suffix=".part")
+    descriptor, temp_name = mkstemp_shared(path.parent, prefix=TEMP_PREFIX, suffix=".part")
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -371,11 +557,14 @@ def _scandir(folder: Path) -> list[os.DirEntry[str]]:
 
 __all__ = [
     "DTYPES",
+    "CacheGroup",
     "CacheInfo",
+    "CacheNotWritableError",
     "CacheStats",
     "FeatureCache",
     "FeatureKey",
     "default_cache_dir",
+    "default_max_bytes",
     "format_bytes",
     "format_cache_info",
     "frame_identity",
