@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.with_overrides(overrides)
     if args.quiet:
         config = config.with_overrides({"progress": False})
-    result = run(config)
+    result = _run_tracked(config, args) if args.track else run(config)
     print(result.sequence_table)
     print(f"predictions: {result.predictions_dir}")
     if result.metrics is not None:
@@ -85,7 +85,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(result.scoring.summary())
     if result.submission_zip is not None:
         print(f"submission archive: {result.submission_zip}")
+    if args.overlays:
+        _write_run_overlays(result, args.overlays)
     return 0
+
+
+def _run_tracked(config: Any, args: argparse.Namespace) -> Any:
+    """``harness run --track``: the run logged to MLflow like a sweep trial, beside that study's trials."""
+    from harness.tracking import TrackingConfig, track_run
+
+    tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
+    result, run_id = track_run(config, tracking, study=args.study, worst_sequences=args.overlays or 3)
+    print(f"tracked: MLflow run {run_id} (experiment {args.experiment}, study {args.study})")
+    return result
+
+
+def _write_run_overlays(result: Any, count: int) -> None:
+    """``harness run --overlays [N]``: GIFs of the N lowest-J&F sequences into ``<output_dir>/overlays``."""
+    from harness.tracking.artifacts import write_worst_sequence_gifs
+
+    written = write_worst_sequence_gifs(result, Path(result.output_dir) / "overlays", count)
+    for path in written:
+        print(f"overlay: {path}")
 
 
 def _weights_here(name: str, info: dict[str, Any]) -> str:
@@ -163,8 +184,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from harness.leaderboard import export_leaderboards
     from harness.tracking import resolve_tracking_uri
+    from harness.tracking.leaderboard import export_leaderboards
 
     paths = export_leaderboards(
         resolve_tracking_uri(args.tracking_uri), args.experiment, Path(args.out), args.study
@@ -220,6 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. backbone.timestep=50"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--track",
+        action="store_true",
+        help="log the run to MLflow like a sweep trial (params, metrics, artifacts)",
+    )
+    run.add_argument("--study", default="runs", help="with --track: the study the run joins (default: runs)")
+    run.add_argument(
+        "--tracking-uri", help="with --track: default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"
+    )
+    run.add_argument("--experiment", default="diffvos", help="with --track: the MLflow experiment")
+    run.add_argument(
+        "--overlays",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="N",
+        help="write GIFs of the N (default 3) lowest-J&F sequences to <output_dir>/overlays "
+        "(misses yellow, false labels magenta)",
+    )
     run.set_defaults(func=cmd_run)
 
     backbones = sub.add_parser("backbones", help="feature extractors").add_subparsers(
@@ -241,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     leaderboard.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     leaderboard.add_argument("--experiment", default="diffvos")
-    leaderboard.add_argument("--out", default="results")
+    leaderboard.add_argument("--out", default="results/leaderboards", help="folder (ignored by git)")
     leaderboard.set_defaults(func=cmd_leaderboard)
 
     reproduce = sub.add_parser(
@@ -253,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dataset", help="DAVIS-2017 root (default data/DAVIS)")
     reproduce.add_argument("--output", help="output folder (default runs/reproduce/<system>)")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument(
+        "--no-track", action="store_true", help="do not log the run to MLflow (study 'reproduce')"
+    )
+    reproduce.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    reproduce.add_argument("--experiment", default="diffvos", help="the MLflow experiment")
     reproduce.set_defaults(func=cmd_reproduce)
 
     bench = sub.add_parser("bench", help="benchmarks (see results/benchmarks/README.md)", add_help=False)

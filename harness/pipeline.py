@@ -40,6 +40,7 @@ from harness.files import mkdtemp_shared
 from harness.frames import frame_cache_id, load_network_inputs, network_input_size
 from harness.memory_check import check_run_memory
 from harness.methods import SequenceContext, get_method
+from harness.methods.base import aggregate_sequence_metrics
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
-    #: the method's per-sequence diagnostics summed over the sequences (also in ``metrics`` when scored)
+    #: the method's per-sequence diagnostics over the sequences: counts summed, rates (corr_*) averaged
+    #: (harness.methods.base.aggregate_sequence_metrics; also in ``metrics`` when scored)
     method_metrics: dict[str, float] = field(default_factory=dict)
     #: which frames were scored (None when the split has no ground truth or evaluation is off)
     scoring: ScoringPlan | None = None
@@ -538,10 +540,7 @@ def _run_staged(
         metrics = dict(evaluation.global_metrics)
     else:
         submission = output_dir / _write_submission_zip(staged_predictions, staging, dataset).name
-    method_metrics: dict[str, float] = {}
-    for outcome in outcomes:
-        for name, value in outcome.metrics.items():
-            method_metrics[name] = method_metrics.get(name, 0.0) + float(value)
+    method_metrics = aggregate_sequence_metrics([outcome.metrics for outcome in outcomes])
     if metrics is not None:
         metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     resolved = config.to_dict() | {

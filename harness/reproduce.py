@@ -213,14 +213,31 @@ class Comparison:
         )
 
 
+#: the study tracked reproductions join (their MLflow parent run)
+REPRODUCE_STUDY = "reproduce"
+
+
 def reproduce(
-    name: str, dataset: str | None = None, output_dir: str | None = None, progress: bool = True
+    name: str,
+    dataset: str | None = None,
+    output_dir: str | None = None,
+    progress: bool = True,
+    tracking: Any = None,
 ) -> Comparison:
-    """Run the system on its dataset and compare J&F-Mean (0-100) with the published number."""
+    """Run the system on its dataset and compare J&F-Mean (0-100) with the published number.
+
+    With a :class:`harness.tracking.TrackingConfig` the run is logged to MLflow like a sweep trial, in the
+    study "reproduce", tagged ``diffvos.system`` = the system (the leaderboard's published column reads it).
+    """
     from harness.pipeline import run
 
     config = system_config(name, dataset, output_dir, progress)
-    result = run(config)
+    if tracking is None:
+        result = run(config)
+    else:
+        from harness.tracking import TAG_SYSTEM, track_run
+
+        result, _ = track_run(config, tracking, study=REPRODUCE_STUDY, tags={TAG_SYSTEM: name})
     if result.metrics is None or METRIC not in result.metrics:
         raise ConfigError(
             f"{config.dataset.root} split {config.dataset.split!r} has no full ground truth, so there is no "
@@ -240,6 +257,11 @@ def main_from_args(args: Any) -> int:
     if args.dry_run:
         print(format_dry_run(args.system, config))
         return 0
-    comparison = reproduce(args.system, args.dataset, args.output, progress=not args.quiet)
+    tracking = None
+    if not args.no_track:
+        from harness.tracking import TrackingConfig
+
+        tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
+    comparison = reproduce(args.system, args.dataset, args.output, not args.quiet, tracking)
     print(comparison.describe())
     return 0

@@ -263,11 +263,28 @@ def test_propagation_benchmark_quick(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert entry["agreement_max_abs_diff"] <= 1e-5
         assert entry["ours"]["median_seconds"] > 0 and entry["baseline"]["median_seconds"] > 0
         assert entry["baseline"]["window_build_seconds"] > 0
+        assert entry["diagnostics"]["on"]["median_seconds"] > 0
     measured = report["cases"][-1]
     dense = measured["baseline_estimate"]["dense_affinity_bytes"]
     # the baseline holds the dense affinity at its peak, ours a small fraction of it
     assert measured["baseline"]["peak_call_bytes"] >= 0.9 * dense
     assert measured["ours"]["peak_call_bytes"] < dense / 5
+
+
+def test_diagnostics_timing_checks_that_the_masks_are_unchanged() -> None:
+    case = bench_propagation.PropagationCase("t", 9, 13, channels=8, n_memory=3, radius=2, topk=4)
+    inputs = bench_propagation.make_inputs(case)
+    plain = bench_propagation.SequenceStep(case, inputs)
+    timing = bench_propagation._diagnostics_overhead(case, inputs, plain, 1, "cpu")
+    assert len(timing["on"]["seconds"]) == len(timing["off"]["seconds"]) == 1
+    assert timing["overhead_fraction"] == pytest.approx(
+        timing["on"]["median_seconds"] / timing["off"]["median_seconds"] - 1
+    )
+    # a step whose diagnostics changed the masks is refused
+    broken = bench_propagation.SequenceStep(case, inputs)
+    broken.masks = broken.masks.flip(0).contiguous()
+    with pytest.raises(RuntimeError, match="diagnostics changed the propagated masks"):
+        bench_propagation._diagnostics_overhead(case, inputs, broken, 1, "cpu")
 
 
 def test_real_footage_check_runs_both_paths_on_a_davis_layout(tmp_path: Path, synth_root: Path) -> None:

@@ -92,9 +92,8 @@ def test_a_new_row_just_works(
     )
     monkeypatch.setitem(published.PUBLISHED, "smoke", row)
     out_dir = tmp_path / "smoke"
-    assert (
-        main(["reproduce", "smoke", "--dataset", str(synth_root), "--output", str(out_dir), "--quiet"]) == 0
-    )
+    argv = ["reproduce", "smoke", "--dataset", str(synth_root), "--output", str(out_dir), "--quiet"]
+    assert main([*argv, "--no-track"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("smoke: ours ") and "published 50.0, difference " in line
     assert (out_dir / "global_results-val.csv").is_file()
@@ -123,8 +122,8 @@ def test_the_paper_study_rows_are_the_released_settings(tmp_path: Path) -> None:
     from harness.study.spec import load_study_spec
 
     spec = load_study_spec(REPO_ROOT / "studies" / "paper.yaml")
-    assert len(spec.enqueue) == 4
-    for name, params in zip(SYSTEMS, spec.enqueue, strict=True):
+    assert len(spec.enqueue) == 5  # the four systems, then the paper's oracle (not a reproduce system)
+    for name, params in zip(SYSTEMS, spec.enqueue[:4], strict=True):
         settings = resolved_settings(spec.build_config(params, output_dir=tmp_path))
         for key, released in RELEASED[name].items():
             assert settings[key] == released.value, f"studies/paper.yaml {name} {key} ({released.source})"
@@ -136,3 +135,39 @@ def test_dift_caps_the_memory_of_shooting_only() -> None:
     assert system_config("paper-adm").method.settings.n_last_frames_for("shooting") == 28
     with pytest.raises(ConfigError, match="memory_caps"):
         RunConfig().with_overrides({"method.memory_caps": "shooting:10"})
+
+
+def test_a_tracked_reproduction_is_tagged_with_its_system(
+    synth_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_store,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlflow import MlflowClient
+
+    row = PublishedSystem(
+        name="smoke",
+        description="random-conv on two synthetic sequences",
+        jf=50.0,
+        source="test",
+        weights=("random-conv",),
+        overrides={
+            "backbone.name": "random-conv",
+            "dataset.sequences": ["synth-shapes", "synth-crossing"],
+            "input.short_side": 64,
+            "method.n_last_frames": 3,
+            "method.radius": 4,
+            "cache.enabled": False,
+        },
+    )
+    monkeypatch.setitem(published.PUBLISHED, "smoke", row)
+    uri, _ = fresh_store("reproduce-store")
+    argv = ["reproduce", "smoke", "--dataset", str(synth_root), "--output", str(tmp_path / "o"), "--quiet"]
+    assert main([*argv, "--tracking-uri", uri]) == 0
+    assert "published 50.0" in capsys.readouterr().out
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("diffvos")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`diffvos.system` = 'smoke'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "JF_mean" in runs[0].data.metrics

@@ -331,11 +331,12 @@ def test_shipped_studies_validate(path: Path) -> None:
 
 
 def test_shipped_studies_are_all_there() -> None:
-    assert {"quickstart", "timestep", "layer", "model", "affinity", "paper"} <= {p.stem for p in SHIPPED}
+    shipped = {p.stem for p in SHIPPED}
+    assert {"quickstart", "timestep", "layer", "model", "affinity", "paper", "filters"} <= shipped
 
 
 def test_shipped_real_model_studies_use_davis_val() -> None:
-    for name in ("timestep", "layer", "model", "affinity", "paper"):
+    for name in ("timestep", "layer", "model", "affinity", "paper", "filters"):
         spec = load_study_spec(STUDIES / f"{name}.yaml")
         assert (spec.dataset.root, spec.dataset.split) == ("data/DAVIS", "val")
 
@@ -347,6 +348,7 @@ def test_grid_sizes_of_shipped_one_factor_studies() -> None:
     assert load_study_spec(STUDIES / "timestep.yaml").grid_size() == len(range(0, 401, 25))  # 17
     assert load_study_spec(STUDIES / "layer.yaml").grid_size() == 18
     assert load_study_spec(STUDIES / "model.yaml").grid_size() == 3
+    assert load_study_spec(STUDIES / "filters.yaml").grid_size() == 8
     assert load_study_spec(STUDIES / "affinity.yaml").grid_size() is None  # TPE
 
 
@@ -700,6 +702,16 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "backbone.ensemble_size": 8,
             "method.memory_caps": "shooting=10",
         },
+        {
+            "backbone.name": "sd2.1",
+            "backbone.timestep": 100,
+            "backbone.layer": 9,
+            "method.temperature": 0.2,
+            "method.topk": 15,
+            "backbone.ensemble_size": 8,
+            "method.filter": "oracle",
+            "method.per_object": True,
+        },
     ]
     shared = {
         "method.n_last_frames": 28,
@@ -707,7 +719,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
         "method.similarity": "cosine",
         "input.short_side": 480,
     }
-    assert spec.target_trials() == 4
+    assert spec.target_trials() == 5
     assert [spec.trial_overrides(entry) for entry in spec.enqueue] == [shared | e for e in expected]
 
     # through Optuna: the enqueued trials come first and suggest() returns exactly these values
@@ -715,7 +727,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
     study = create_or_load_study(local, optuna.storages.InMemoryStorage())
     create_or_load_study(local, study._storage)  # again (a resumed sweep): no duplicates
     asked = []
-    for _ in range(4):
+    for _ in range(5):
         trial = study.ask()
         params = {name: p.suggest(trial) for name, p in local.search_space.items()}
         asked.append(local.trial_overrides(params))

@@ -290,7 +290,7 @@ def wait_all(processes: list[subprocess.Popen], tmp_path: Path, timeout: float =
 def test_several_machines_postgres_and_mlflow_server(
     tmp_path: Path, synth_root: Path, optuna_database: str, mlflow_server: str
 ) -> None:
-    from harness.leaderboard import build_leaderboard
+    from harness.tracking.leaderboard import build_leaderboard
 
     topks = [1, 3, 5, 8]
     study_file = write_study(tmp_path, synth_root, "machines", topks)

@@ -10,11 +10,7 @@ this module and :mod:`harness.bench.runner` imports them, never the other way ro
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shutil
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +22,7 @@ from typing import Any
 import torch
 
 from harness.errors import ConfigError
+from harness.tracking.environment import process_peak_rss_bytes
 
 SUB_BENCHMARKS = ("propagation", "sweep", "evaluation", "extraction")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -146,13 +143,6 @@ def cuda_peak_bytes(function: Callable[[], object], device: torch.device | str) 
     return result, torch.cuda.max_memory_allocated(device) - before
 
 
-def max_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _status_bytes(field_name: str) -> int | None:
     """A memory line of /proc/self/status (VmRSS, VmHWM) in bytes, or None off Linux."""
     try:
@@ -184,9 +174,9 @@ def peak_rss_increase(function: Callable[[], object]) -> tuple[int, str]:
         after = _status_bytes("VmHWM")
         if before is not None and after is not None:
             return max(0, after - before), "VmHWM after resetting it (clear_refs 5) minus VmRSS before"
-    start = max_rss_bytes()
+    start = process_peak_rss_bytes()
     function()
-    return max(0, max_rss_bytes() - start), "growth of ru_maxrss (may under-count)"
+    return max(0, process_peak_rss_bytes() - start), "growth of ru_maxrss (may under-count)"
 
 
 def run_in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
@@ -221,115 +211,7 @@ def matmul_rate(
     }
 
 
-# -- machine and versions ----------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _memory_total_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def memory_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo: whether a memory-hungry baseline can run without swapping."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def load_average() -> list[float] | None:
-    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _nvidia_driver() -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        completed = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = completed.stdout.strip().splitlines()
-    return lines[0].strip() if completed.returncode == 0 and lines else None
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """CPU model and cores, memory, GPU name and driver: what the numbers were measured on."""
-    info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "memory_total_bytes": _memory_total_bytes(),
-        "platform": platform.platform(),
-        "device": device,
-        "gpu": None,
-    }
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        info["gpu"] = {
-            "name": properties.name,
-            "memory_bytes": properties.total_memory,
-            "driver": _nvidia_driver(),
-            "cuda_runtime": torch.version.cuda,
-            "count": torch.cuda.device_count(),
-        }
-    return info
-
-
-def _git(*args: str) -> str | None:
-    try:
-        completed = subprocess.run(
-            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=20, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
-
-
-def versions() -> dict[str, Any]:
-    """Python, torch and the project commit (with a flag for uncommitted changes)."""
-    import numpy
-
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    found: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "project_commit": _git("rev-parse", "HEAD"),
-        "project_dirty": bool(status) if status is not None else None,
-    }
-    for package in ("diffusers", "transformers"):
-        try:
-            from importlib.metadata import version
-
-            found[package] = version(package)
-        except Exception:  # not installed: the benchmark that needs it says so itself
-            found[package] = None
-    return found
+# -- machine and versions: harness.tracking.environment (shared with run tracking) --------------------
 
 
 # -- output ------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from PIL import Image
 
 from harness.data.masks import write_mask
 from harness.errors import DataError, HarnessError
+from harness.tracking.environment import load_average
 
 DEFAULT_SHAPE_TABLE = Path(__file__).with_name("davis2017_val_shape.tsv")
 SHAPE_COLUMNS = ("sequence", "frames", "objects", "width", "height")
@@ -335,11 +336,6 @@ def _summarise(runs: list[dict[str, object]], traced: dict[str, object] | None) 
     return summary
 
 
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages: wall times mean little when other jobs share the cores."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def _vos_benchmark_available() -> bool:
     import importlib.util
 
@@ -362,7 +358,7 @@ def run_benchmark(
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    load_at_start = _load_average()
+    load_at_start = load_average()
     rows = list(shape_rows) if shape_rows is not None else read_shape_table()
     generated = generate_shaped_dataset(Path(work_dir) / "davis2017-shaped", rows, seed=seed, workers=workers)
     with_baseline = baseline and _vos_benchmark_available()
@@ -380,7 +376,7 @@ def run_benchmark(
             "platform": platform.platform(),
             "python": platform.python_version(),
             "load_average_at_start": load_at_start,
-            "load_average_at_end": _load_average(),
+            "load_average_at_end": load_average(),
         },
         "dataset": {
             "sequences": len(rows),

@@ -33,7 +33,6 @@ from harness.bench.common import (
     cuda_peak_bytes,
     format_bytes,
     format_table,
-    memory_available_bytes,
     peak_rss_increase,
     run_in_fresh_process,
     time_calls,
@@ -47,7 +46,9 @@ from harness.methods.labelprop import (
     unit_memory,
     unit_query,
 )
+from harness.methods.labelprop.diagnostics import CorrespondenceStats, truth_channels
 from harness.methods.labelprop.screening import screening_available
+from harness.tracking.environment import memory_available_bytes
 
 #: the outputs of the two implementations must agree to this before anything is timed (see check_agreement)
 AGREEMENT_TOLERANCE = 1e-5
@@ -55,6 +56,8 @@ AGREEMENT_TOLERANCE = 1e-5
 TIE_MARGIN = 1e-4
 TARGET_SPEEDUP = 20.0
 TARGET_MEMORY_FRACTION = 1 / 5
+#: the correspondence diagnostics may add at most this fraction to a sequence step
+TARGET_DIAGNOSTICS_OVERHEAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -267,11 +270,24 @@ class SequenceStep:
     in bfloat16 too) from frame to frame, so a frame normalises its query, propagates and writes one slot.
     The released code's loop normalises the whole memory again every frame, which its timing includes."""
 
-    def __init__(self, case: PropagationCase, inputs: tuple[torch.Tensor, ...]) -> None:
+    def __init__(
+        self, case: PropagationCase, inputs: tuple[torch.Tensor, ...], diagnostics: bool = False
+    ) -> None:
         query, memory, masks = inputs
         self.case, self.query = case, query
         self.memory = unit_memory(memory)
         self.masks = masks.permute(2, 3, 0, 1).contiguous()
+        self.n_classes = masks.shape[1]
+        # with diagnostics the sequence loop's memory also carries the one-hot ground truth of its frames
+        # (objects 1..K) and each frame records the weight shares; the masks' argmax stands in for it here
+        self.stats: CorrespondenceStats | None = None
+        if diagnostics:
+            n_objects = self.n_classes - 1
+            truth = self.masks.argmax(dim=-1)  # (h, w, N)
+            self.masks = torch.cat([self.masks, truth_channels(truth, n_objects)], dim=-1).contiguous()
+            self.query_truth = truth[:, :, 0]
+            self.objects = tuple(range(1, self.n_classes))
+            self.stats = CorrespondenceStats()
         self.memory_bf16 = self.memory.to(torch.bfloat16) if screening_available(memory.device) else None
         self.workspace = PropagationWorkspace()
         height, width, _, channels = self.memory.shape
@@ -291,12 +307,14 @@ class SequenceStep:
             memory_bf16=self.memory_bf16,
             workspace=self.workspace,
         )
+        if self.stats is not None:
+            self.stats.record(soft[:, :, self.n_classes :], self.query_truth, self.objects)
         # the loop then writes the frame into a slot of its rings (here a spare one, so that every call
         # propagates the same memory)
         self.spare[:, :, 0] = query
         if self.memory_bf16 is not None:
             self.spare_bf16[:, :, 0] = query
-        return soft.permute(2, 0, 1)
+        return soft[:, :, : self.n_classes].permute(2, 0, 1)
 
 
 def _baseline(
@@ -407,6 +425,7 @@ def run_case(case: PropagationCase, options: BenchOptions) -> dict[str, Any]:
     if not torch.allclose(step(), ours_output, atol=1e-6):
         raise RuntimeError(f"case {case.name}: the sequence step and propagate_frame disagree")
     entry["ours_sequence_step"] = time_calls(step, repeats=repeats, device=device).to_dict()
+    entry["diagnostics"] = _diagnostics_overhead(case, inputs, step, repeats, device)
     del step
     if not case.run_baseline:
         ours_timing = time_calls(lambda: _ours(case, inputs, workspace), repeats=repeats, device=device)
@@ -462,6 +481,24 @@ def run_case(case: PropagationCase, options: BenchOptions) -> dict[str, Any]:
     entry["memory_fraction"] = _fraction(ours_peak, entry["baseline"]["peak_total_bytes"])
     entry["memory_methods"] = sorted(methods)
     return entry
+
+
+def _diagnostics_overhead(
+    case: PropagationCase, inputs: tuple[torch.Tensor, ...], plain: SequenceStep, repeats: int, device: str
+) -> dict[str, Any]:
+    """A sequence step with the correspondence diagnostics against one without, timed in turns; the
+    diagnostics must leave the masks as they were."""
+    with_diagnostics = SequenceStep(case, inputs, diagnostics=True)
+    if not torch.allclose(with_diagnostics(), plain(), atol=1e-6):
+        raise RuntimeError(f"case {case.name}: the diagnostics changed the propagated masks")
+    timings = time_interleaved({"off": plain, "on": with_diagnostics}, repeats=repeats, device=device)
+    off, on = timings["off"].median, timings["on"].median
+    return {
+        "off": timings["off"].to_dict(),
+        "on": timings["on"].to_dict(),
+        "overhead_fraction": on / off - 1,
+        "target_overhead_at_most": TARGET_DIAGNOSTICS_OVERHEAD,
+    }
 
 
 def _fraction(part: int | None, whole: int | None) -> float | None:
@@ -639,6 +676,17 @@ def format_report(report: dict[str, Any]) -> str:
         "near ties",
     ]
     lines = [format_table(headers, rows)]
+    for entry in report["cases"]:
+        diagnostics = entry.get("diagnostics")
+        if diagnostics:
+            overhead = diagnostics["overhead_fraction"]
+            limit = diagnostics["target_overhead_at_most"]
+            off, on = diagnostics["off"]["median_seconds"], diagnostics["on"]["median_seconds"]
+            verdict = "met" if overhead <= limit else "MISSED"
+            lines.append(
+                f"correspondence diagnostics, {entry['case']['name']}: sequence step {off:.3g} s off, "
+                f"{on:.3g} s on ({overhead:+.1%}; target <= {limit:.0%} {verdict})"
+            )
     targets = report["targets"]
     if "speedup_met" in targets:
         lines.append(

@@ -20,15 +20,9 @@ from typing import Any
 
 import torch
 
-from harness.bench.common import (
-    SUB_BENCHMARKS,
-    BenchOptions,
-    load_average,
-    machine_info,
-    versions,
-    write_report,
-)
+from harness.bench.common import SUB_BENCHMARKS, BenchOptions, write_report
 from harness.errors import ConfigError, HarnessError
+from harness.tracking.environment import load_average, machine_info, versions
 
 # -- dispatch ----------------------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ from harness.methods.labelprop.affinity import (
     unit_memory,
     unit_query,
 )
+from harness.methods.labelprop.diagnostics import CorrespondenceStats
+from harness.methods.labelprop.per_object import propagate_per_object
 from harness.methods.labelprop.sequence import (
     PropagationSettings,
     labels_to_onehot,
@@ -21,6 +23,7 @@ from harness.methods.labelprop.sequence import (
 
 __all__ = [
     "SIMILARITIES",
+    "CorrespondenceStats",
     "PropagationSettings",
     "PropagationWorkspace",
     "QueryBlock",
@@ -28,6 +31,7 @@ __all__ = [
     "labels_to_onehot",
     "plan_blocks",
     "propagate_frame",
+    "propagate_per_object",
     "propagate_prepared",
     "propagate_sequence",
     "resize_labels_nearest",

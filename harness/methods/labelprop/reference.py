@@ -26,10 +26,9 @@ def window_mask(height: int, width: int, radius: int) -> torch.Tensor:
     return ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
 
 
-def propagate_dense(
+def dense_weights(
     query: torch.Tensor,
     memory_feats: torch.Tensor,
-    memory_masks: torch.Tensor,
     *,
     similarity: str = "cosine",
     temperature: float = 0.2,
@@ -38,11 +37,10 @@ def propagate_dense(
     keep: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Soft labels (K+1, h, w) of ``query`` (C, h, w) from ``memory_feats`` (N, C, h, w) and
-    ``memory_masks`` (N, K+1, h, w). ``keep`` is an optional (N*h*w keys, h*w queries) bool filter, keys
-    frame-major. Computed in ``dtype`` (float64 by default, so it is the definition without rounding)."""
+    """The final weights (N*h*w keys, h*w queries), keys frame-major: each column sums to 1 over the
+    query's kept top-k keys. ``keep`` is an optional (N*h*w, h*w) bool filter."""
     channels, height, width = query.shape
-    n_memory, n_classes = memory_feats.shape[0], memory_masks.shape[1]
+    n_memory = memory_feats.shape[0]
     queries = F.normalize(query.to(dtype).reshape(channels, -1), dim=0).t()  # (hw, C)
     keys = F.normalize(memory_feats.to(dtype).reshape(n_memory, channels, -1), dim=1)
     keys = keys.permute(0, 2, 1).reshape(-1, channels)  # (N*hw, C), frame-major
@@ -62,6 +60,35 @@ def propagate_dense(
     k = min(topk, affinity.shape[0])
     kth = torch.topk(affinity, k, dim=0).values[-1]
     affinity[affinity < kth] = 0  # ties with the k-th stay
-    affinity = affinity / affinity.sum(dim=0, keepdim=True)
+    return affinity / affinity.sum(dim=0, keepdim=True)
+
+
+def propagate_dense(
+    query: torch.Tensor,
+    memory_feats: torch.Tensor,
+    memory_masks: torch.Tensor,
+    *,
+    similarity: str = "cosine",
+    temperature: float = 0.2,
+    topk: int = 15,
+    radius: int = 15,
+    keep: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Soft labels (K+1, h, w) of ``query`` (C, h, w) from ``memory_feats`` (N, C, h, w) and
+    ``memory_masks`` (N, K+1, h, w). ``keep`` is an optional (N*h*w keys, h*w queries) bool filter, keys
+    frame-major. Computed in ``dtype`` (float64 by default, so it is the definition without rounding)."""
+    _, height, width = query.shape
+    n_classes = memory_masks.shape[1]
+    weights = dense_weights(
+        query,
+        memory_feats,
+        similarity=similarity,
+        temperature=temperature,
+        topk=topk,
+        radius=radius,
+        keep=keep,
+        dtype=dtype,
+    )
     masks = memory_masks.to(dtype).permute(1, 0, 2, 3).reshape(n_classes, -1)  # (K+1, N*hw)
-    return (masks @ affinity).reshape(n_classes, height, width).float()
+    return (masks @ weights).reshape(n_classes, height, width).float()

@@ -25,6 +25,7 @@ from harness.methods.labelprop.affinity import (
     unit_query,
     uses_screening,
 )
+from harness.methods.labelprop.diagnostics import CorrespondenceStats, truth_channels
 from harness.methods.labelprop.filters import CorrespondenceFilter, FilterContext, get_filter
 
 #: Written masks are uint8 channel indices.
@@ -44,6 +45,11 @@ class PropagationSettings:
     n_last_frames: int = 28
     #: a registered correspondence filter (harness.methods.labelprop.filters), None = no filter
     filter: str | None = None
+    #: propagate each object on its own ([background, object k], its own memory) and aggregate the
+    #: foreground probabilities as the released eval_vos_prompts.py does (labelprop/per_object.py)
+    per_object: bool = False
+    #: correspondence diagnostics (corr_precision, corr_fg_to_bg, corr_bg_to_fg) where ground truth exists
+    diagnostics: bool = True
     #: per-sequence caps on n_last_frames, "name=N[,name=N...]" (a string, so a study can choose it):
     #: DIFT caps "shooting" at 10 (github Tsingularity/dift eval_davis.py:300-304)
     memory_caps: str | None = None
@@ -55,6 +61,9 @@ class PropagationSettings:
             raise ConfigError(f"n_last_frames must be an integer >= 0 (0 = first frame only), got {frames!r}")
         if self.filter is not None:
             get_filter(self.filter)  # unknown names fail when the config is read
+        for name in ("per_object", "diagnostics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self.caps()  # a malformed memory_caps fails when the config is read
 
     def caps(self) -> dict[str, int]:
@@ -218,6 +227,7 @@ def propagate_sequence(
     screen: bool | None = None,
     workspace: PropagationWorkspace | None = None,
     ground_truth: Callable[[int], np.ndarray] | None = None,
+    diagnostics: CorrespondenceStats | None = None,
     layout: str = "davis",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (t, labels) for t = 1 .. T-1: the propagated (H0, W0) uint8 channel-index map of frame t.
@@ -230,9 +240,126 @@ def propagate_sequence(
     ``screen`` is propagate_prepared's (None: bfloat16 screening where it pays); a ``workspace`` passed in
     is the one the frames use, so its screening and filter statistics can be read afterwards.
     ``settings.filter`` names a correspondence filter; ``ground_truth(t)`` ((H0, W0) channel indices of
-    frame t) feeds it, and is required by filters that need ground truth. ``layout`` (the dataset's)
-    picks the released post-processing order of :func:`soft_to_labels`.
+    frame t) feeds it, and is required by filters that need ground truth. ``diagnostics``, given with
+    ``ground_truth``, collects the correspondence diagnostics (harness.methods.labelprop.diagnostics).
+    With ``settings.per_object`` each object is propagated on its own and the results are aggregated
+    (per_object.py; with these shared features all objects share one pass). ``layout`` (the dataset's)
+    picks the released post-processing order of :func:`soft_to_labels` (per-object runs keep their own).
     """
+    if isinstance(settings, PropagationSettings) and settings.per_object:
+        from harness.methods.labelprop.per_object import propagate_per_object
+
+        return propagate_per_object(
+            lambda _: features,
+            first_labels,
+            num_classes,
+            settings,
+            input_size=input_size,
+            output_size=output_size,
+            progress=progress,
+            num_frames=num_frames,
+            screen=screen,
+            workspace=workspace,
+            ground_truth=ground_truth,
+            diagnostics=diagnostics,
+            same_features=True,
+        )
+    track = prepare_track(
+        features,
+        first_labels,
+        num_classes,
+        settings,
+        input_size=input_size,
+        output_size=output_size,
+        num_frames=num_frames,
+        ground_truth=ground_truth,
+        diagnostics=diagnostics,
+    )
+    first = track.first_labels
+
+    def first_masks(grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        return labels_to_onehot(first, num_classes, grid_size, device=device)
+
+    soft_frames = propagate_soft(
+        track,
+        first_masks,
+        first,
+        screen=screen,
+        workspace=workspace if workspace is not None else PropagationWorkspace(),
+        diagnostic_objects=tuple(range(1, num_classes)),
+        progress=progress,
+    )
+    return (
+        (t, soft_to_labels(soft.permute(2, 0, 1), track.input_size, track.output_size, layout))
+        for t, soft in soft_frames
+    )
+
+
+@dataclass(frozen=True)
+class Track:
+    """One propagation's checked inputs (built by prepare_track, run by propagate_soft)."""
+
+    read: _FrameReader
+    first_labels: np.ndarray
+    settings: PropagationSettings
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    correspondence_filter: CorrespondenceFilter | None
+    #: ground truth (H0, W0) -> channel indices, read only when the filter or the diagnostics use it
+    ground_truth: Callable[[int], np.ndarray] | None
+    diagnostics: CorrespondenceStats | None
+
+
+def prepare_track(
+    features: FeatureSource,
+    first_labels: np.ndarray,
+    num_classes: int,
+    settings: PropagationSettings,
+    *,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    num_frames: int | None,
+    ground_truth: Callable[[int], np.ndarray] | None,
+    diagnostics: CorrespondenceStats | None,
+) -> Track:
+    """Check the arguments of a propagation (errors raise here, at call time, not at the first frame)."""
+    checked = check_inputs(first_labels, num_classes, settings, input_size, output_size, ground_truth)
+    read = _FrameReader(features, num_frames)
+    if read.num_frames < 1:
+        raise DataError("the sequence has no frame")
+    diagnostics = diagnostics if ground_truth is not None else None
+    truth = ground_truth if checked.needs_truth or diagnostics is not None else None
+    return Track(
+        read,
+        checked.first_labels,
+        settings,
+        checked.input_size,
+        checked.output_size,
+        checked.correspondence_filter,
+        truth,
+        diagnostics,
+    )
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    first_labels: np.ndarray
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    correspondence_filter: CorrespondenceFilter | None
+    #: the filter needs ground truth
+    needs_truth: bool
+
+
+def check_inputs(
+    first_labels: np.ndarray,
+    num_classes: int,
+    settings: PropagationSettings,
+    input_size: tuple[int, int],
+    output_size: tuple[int, int],
+    ground_truth: Callable[[int], np.ndarray] | None,
+) -> CheckedInputs:
+    """The checks every propagation makes before its first frame (ConfigError / DataError / ValueError)."""
     if not isinstance(settings, PropagationSettings):
         raise ConfigError(f"settings must be a PropagationSettings, got {type(settings).__name__}")
     input_size = _check_size("input_size", input_size)
@@ -242,10 +369,6 @@ def propagate_sequence(
         raise DataError(
             f"first-frame labels have shape {first_labels.shape}, expected output_size {output_size}"
         )
-    read = _FrameReader(features, num_frames)
-    if read.num_frames < 1:
-        raise DataError("the sequence has no frame")
-    workspace = workspace if workspace is not None else PropagationWorkspace()
     correspondence_filter = None if settings.filter is None else get_filter(settings.filter)
     needs_truth = correspondence_filter is not None and correspondence_filter.needs_ground_truth
     if needs_truth and ground_truth is None:
@@ -253,52 +376,44 @@ def propagate_sequence(
             f"correspondence filter {settings.filter!r} needs the ground truth of every frame, and this "
             "split has none (test-dev / MOSE-style splits give first-frame masks only)"
         )
-    truth = ground_truth if needs_truth else None
-    return _propagate(
-        read,
-        first_labels,
-        int(num_classes),
-        settings,
-        _Output(input_size, output_size, progress, layout),
-        screen,
-        workspace,
-        correspondence_filter,
-        truth,
-    )
+    return CheckedInputs(first_labels, input_size, output_size, correspondence_filter, needs_truth)
 
 
-@dataclass(frozen=True)
-class _Output:
-    input_size: tuple[int, int]
-    output_size: tuple[int, int]
-    progress: bool
-    layout: str = "davis"
-
-
-def _propagate(
-    read: _FrameReader,
-    first_labels: np.ndarray,
-    num_classes: int,
-    settings: PropagationSettings,
-    output: _Output,
+def propagate_soft(
+    track: Track,
+    first_masks: Callable[[tuple[int, int], torch.device], torch.Tensor],
+    first_truth: np.ndarray,
+    *,
     screen: bool | None,
     workspace: PropagationWorkspace,
-    correspondence_filter: CorrespondenceFilter | None,
-    ground_truth: Callable[[int], np.ndarray] | None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """The generator behind propagate_sequence (split off so argument errors raise at call time)."""
+    diagnostic_objects: tuple[int, ...],
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (t, soft) for t = 1 .. T-1: the (h, w, M) soft output on the feature grid.
+
+    ``first_masks(grid, device)`` gives frame 0's (M, h, w) memory mask; ``first_truth`` is frame 0's
+    (H0, W0) ground truth in the numbering of ``track.ground_truth`` (the filter's and the diagnostics'
+    labels). With diagnostics, channel j of the ground truth's one-hot (label j+1) rides along as an extra
+    memory channel, so the kernel's mix returns each query's weight share on it; the shares are recorded
+    for object ``diagnostic_objects[j]`` and cut off before the soft output is yielded.
+    """
+    read, settings = track.read, track.settings
     first = unit_query(read(0))
     height, width, channels = first.shape
     device = first.device
+    first_mask = first_masks((height, width), device)
+    num_classes = first_mask.shape[0]
+    diagnostics = track.diagnostics
+    n_diag = len(diagnostic_objects) if diagnostics is not None else 0
     # the memory never holds more previous frames than the sequence has before its last frame
     n_previous = min(settings.n_last_frames, max(read.num_frames - 2, 0))
     slots = 1 + n_previous
     # position-major ring buffers (h, w, slot, ...), the layout propagate_prepared multiplies in place
     memory_feats = torch.empty((height, width, slots, channels), dtype=torch.float32, device=device)
-    memory_masks = torch.empty((height, width, slots, num_classes), dtype=torch.float32, device=device)
+    mask_shape = (height, width, slots, num_classes + n_diag)
+    memory_masks = torch.empty(mask_shape, dtype=torch.float32, device=device)
     memory_feats[:, :, 0] = first
-    onehot = labels_to_onehot(first_labels, num_classes, (height, width), device=device)
-    memory_masks[:, :, 0] = onehot.permute(1, 2, 0)
+    memory_masks[:, :, 0, :num_classes] = first_mask.permute(1, 2, 0)
     # a bfloat16 copy of the memory, kept beside it, where propagate_prepared screens keys in bfloat16
     memory_bf16 = None
     if uses_screening(screen, settings.similarity, device, workspace):
@@ -308,24 +423,29 @@ def _propagate(
     del first
     # which frame each slot holds, and (for filters that need it) its ground truth on the feature grid
     slot_frames = [0] * slots
+    correspondence_filter = track.correspondence_filter
     memory_truth = None
-    if ground_truth is not None:
-        memory_truth = torch.empty((height, width, slots), dtype=torch.int64, device=device)
-        memory_truth[:, :, 0] = _truth_on_grid(first_labels, (height, width), device)
+    if track.ground_truth is not None:
+        first_truth_grid = _truth_on_grid(first_truth, (height, width), device)
+        if correspondence_filter is not None:
+            memory_truth = torch.empty((height, width, slots), dtype=torch.int64, device=device)
+            memory_truth[:, :, 0] = first_truth_grid
+        if n_diag:
+            memory_masks[:, :, 0, num_classes:] = truth_channels(first_truth_grid, n_diag)
 
     frames = range(1, read.num_frames)
-    for t in tqdm(frames, desc="propagating", unit="frame", disable=not output.progress, leave=False):
+    for t in tqdm(frames, desc="propagating", unit="frame", disable=not progress, leave=False):
         query = unit_query(read(t))
-        filter_context = None
         query_truth = None
+        if track.ground_truth is not None:
+            truth_t = np.asarray(track.ground_truth(t))
+            if truth_t.shape != track.output_size:
+                raise DataError(
+                    f"ground truth of frame {t} has shape {truth_t.shape}, expected {track.output_size}"
+                )
+            query_truth = _truth_on_grid(truth_t, (height, width), device)
+        filter_context = None
         if correspondence_filter is not None:
-            if ground_truth is not None and memory_truth is not None:
-                truth_t = np.asarray(ground_truth(t))
-                if truth_t.shape != output.output_size:
-                    raise DataError(
-                        f"ground truth of frame {t} has shape {truth_t.shape}, expected {output.output_size}"
-                    )
-                query_truth = _truth_on_grid(truth_t, (height, width), device)
             filter_context = FilterContext(
                 frame=t,
                 memory_frames=tuple(slot_frames[:filled]),
@@ -346,6 +466,8 @@ def _propagate(
             correspondence_filter=correspondence_filter,
             filter_context=filter_context,
         )
+        if n_diag and diagnostics is not None and query_truth is not None:
+            diagnostics.record(soft[:, :, num_classes:], query_truth, diagnostic_objects)
         if n_previous > 0 and t < read.num_frames - 1:
             # FIFO over slots 1..n_previous: frame t replaces frame t - n_previous (slot order is irrelevant,
             # the propagation treats the memory as a set)
@@ -353,12 +475,14 @@ def _propagate(
             memory_feats[:, :, slot] = query
             if memory_bf16 is not None:
                 memory_bf16[:, :, slot] = query
-            memory_masks[:, :, slot] = soft
+            memory_masks[:, :, slot, :num_classes] = soft[:, :, :num_classes]
             slot_frames[slot] = t
             if memory_truth is not None and query_truth is not None:
                 memory_truth[:, :, slot] = query_truth
+            if n_diag and query_truth is not None:
+                memory_masks[:, :, slot, num_classes:] = truth_channels(query_truth, n_diag)
             filled = min(filled + 1, slots)
-        yield t, soft_to_labels(soft.permute(2, 0, 1), output.input_size, output.output_size, output.layout)
+        yield t, soft[:, :, :num_classes]
 
 
 def _truth_on_grid(labels: np.ndarray, grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:

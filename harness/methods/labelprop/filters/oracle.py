@@ -4,9 +4,10 @@ The released code (thanosDelatolas/diff-zvos, src/propagation.py label_propagati
 run per object by src/eval_vos_oracle.py) multiplies the windowed affinity by [key fg == query fg] before
 the top-k, with key labels from the ground truth of frame 0 and of the memory frames and the query's from
 the current frame; the mixed masks stay the predicted ones. Here the labels are the ground-truth channel
-indices of the propagation: with one object (or one object at a time, as the released per-object mode
-runs) that is exactly fg vs bg of that object; with several objects propagated jointly a pair is kept when
-both positions belong to the same object or both to the background.
+indices of the propagation: in per-object mode (``method.per_object: true``, as the released oracle runs)
+object k's propagation is given object k's binary ground truth, so this is exactly its fg vs bg rule; with
+several objects propagated jointly a pair is kept when both positions belong to the same object or both to
+the background (with one object the two coincide).
 
 Unlike the released code, a query with no agreeing key in its window does not divide 0 by 0 (NaN): it
 keeps its unfiltered window, and such queries are counted (see the package docstring).

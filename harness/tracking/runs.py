@@ -1,95 +1,103 @@
-"""Experiment tracking with MLflow: one parent run per study, one child run per trial.
+"""MLflow runs: one parent run per study, one child run per trial or tracked one-off run.
 
 Everything goes through an :class:`mlflow.MlflowClient` bound to an explicit tracking URI and explicit run
 ids, never through MLflow's global "active run": several trials (threads or processes) may log at once.
 
-Metric names. MLflow metric names cannot contain ``&``, so the DAVIS metrics are logged under these names
-(:data:`METRIC_NAMES`; :mod:`harness.leaderboard` maps them back)::
+Metrics of a trial run (DAVIS names mapped by :data:`~harness.tracking.names.METRIC_NAMES`): ``JF_mean``,
+``J_mean``, ...; ``jf/<sequence>``; ``time_<stage>_s`` and ``time_<stage>_per_frame_ms`` for every
+pipeline timing (extraction, propagation, evaluation, total, ...); ``cache_<counter>`` for the feature
+cache's counters; ``peak_gpu_memory_mb`` (runs on CUDA; peak since the run started) and ``peak_rss_mb`` (the
+worker process's peak so far); the correspondence diagnostics (``corr_precision``, ...: shares, logged as
+the mean over the sequences) and the method's other per-sequence metrics (as the run reports them, else
+their mean) when the method reports them. Per-sequence scores are a table artifact
+(``per_sequence.json``, shown by the UI's artifact view; also ``per_sequence.csv``), not a stepped metric.
 
-    J&F-Mean -> JF_mean    J-Mean -> J_mean    J-Recall -> J_recall    J-Decay -> J_decay
-                           F-Mean -> F_mean    F-Recall -> F_recall    F-Decay -> F_decay
-
-Other metrics of a trial run: ``sequence_jf`` (stepped, step = sequence index), ``jf/<sequence>``,
-``time_<stage>_s`` for every pipeline timing (extraction, propagation, evaluation, total, ...),
-``cache_<counter>`` for the feature-cache counters (hits, misses, ...).
-
-Tags: ``diffvos.study``, ``diffvos.role`` (``parent`` or ``trial``), ``diffvos.trial``,
-``diffvos.git_commit``, ``diffvos.version.<package>``, ``diffvos.device``, ``diffvos.hostname``,
-``diffvos.error`` (failed runs).
+Tags: ``diffvos.study``, ``diffvos.role`` (``parent``, ``trial`` or ``run``), ``diffvos.trial``,
+``diffvos.git_commit``, ``diffvos.version.<package>``, ``diffvos.device`` (``cuda:0 (GPU name)`` or
+``cpu (CPU model)``), ``diffvos.device_kind``, ``diffvos.hostname``, ``diffvos.system`` (a reproduced
+published system), ``diffvos.error`` (failed runs). The experiment carries ``mlflow.experimentKind =
+custom_model_development`` so that the MLflow 3 UI opens its model-training view.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import importlib.metadata
-import json
 import math
 import os
-import platform
 import re
 import socket
-import subprocess
 import tempfile
 import time
 import warnings
-import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
-from PIL import Image
 
 from harness.errors import ConfigError
+from harness.tracking.artifacts import (
+    mean_sequence_metrics,
+    numeric_fields,
+    sequence_table,
+    write_overlays,
+    write_sequence_tables,
+    write_worst_sequence_gifs,
+    zip_predictions,
+)
+from harness.tracking.environment import (
+    describe_device,
+    package_versions,
+    peak_gpu_memory_bytes,
+    process_peak_rss_bytes,
+    project_git_commit,
+    reset_peak_gpu_memory,
+    uses_cuda,
+)
+from harness.tracking.names import (
+    DIAGNOSTIC_METRICS,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    MAX_PARAM_VALUE_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    METRIC_NAMES,
+    ROLE_PARENT,
+    ROLE_RUN,
+    ROLE_TRIAL,
+    TAG_DEVICE,
+    TAG_ERROR,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    finite,
+    flatten_settings,
+    format_value,
+    mlflow_key,
+    parse_param,
+    truncate,
+)
 
 if TYPE_CHECKING:
     import optuna
 
-    from harness.evaluation import ObjectScores
+    from harness.config import RunConfig
     from harness.pipeline import RunResult, SequenceOutcome
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "diffvos"
-
-#: DAVIS metric name -> MLflow metric name (MLflow rejects '&' in names)
-METRIC_NAMES: dict[str, str] = {
-    "J&F-Mean": "JF_mean",
-    "J-Mean": "J_mean",
-    "J-Recall": "J_recall",
-    "J-Decay": "J_decay",
-    "F-Mean": "F_mean",
-    "F-Recall": "F_recall",
-    "F-Decay": "F_decay",
-}
-
-TAG_STUDY = "diffvos.study"
-TAG_ROLE = "diffvos.role"
-TAG_TRIAL = "diffvos.trial"
-TAG_ERROR = "diffvos.error"
-ROLE_PARENT = "parent"
-ROLE_TRIAL = "trial"
-
-#: MLflow's limits (mlflow.utils.validation): param values 6000 chars, tag values 8000, 100 params per batch
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
-MAX_KEY_LENGTH = 250
+#: the study one-off ``harness run --track`` runs belong to unless told otherwise
+DEFAULT_RUN_STUDY = "runs"
 BATCH_SIZE = 100
-
 RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-TRACKED_PACKAGES = ("torch", "diffusers", "optuna", "mlflow")
-OVERLAY_MAX_WIDTH = 480
-OVERLAY_ALPHA = 0.5
+#: per-frame times are logged for these pipeline stages
+PER_FRAME_STAGES = ("extraction", "propagation", "evaluation", "total")
+MB = 1024**2
 
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
-_UNSAFE_KEY_CHARS = re.compile(r"[^\w\-. :/]")
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
@@ -132,49 +140,7 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return (Path(db_path).expanduser().resolve().parent / "mlartifacts").as_uri()
 
 
-# -- small helpers: names, values, flattening ------------------------------------------------------------
-
-
-def mlflow_key(name: str) -> str:
-    """A param/metric/tag key MLflow accepts (alphanumerics, ``_-. :/``), at most 250 characters."""
-    return _UNSAFE_KEY_CHARS.sub("_", str(name))[:MAX_KEY_LENGTH] or "_"
-
-
-def _truncate(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    marker = "...[truncated]"
-    return text[: limit - len(marker)] + marker
-
-
-def _format_value(value: object) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list | tuple):
-        try:
-            return json.dumps(list(value))
-        except (TypeError, ValueError):
-            return str(list(value))
-    if isinstance(value, Path):
-        return value.as_posix()
-    return str(value)
-
-
-def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested settings as MLflow params: dotted keys, string values truncated to MLflow's 6000 chars.
-
-    An empty mapping becomes ``"{}"`` so that the key still shows up.
-    """
-    flat: dict[str, str] = {}
-    for key, value in settings.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_settings(value, prefix=f"{dotted}."))
-        elif isinstance(value, Mapping):
-            flat[mlflow_key(dotted)] = "{}"
-        else:
-            flat[mlflow_key(dotted)] = _truncate(_format_value(value), MAX_PARAM_VALUE_LENGTH)
-    return flat
+# -- small helpers -------------------------------------------------------------------------------------
 
 
 def _chunks(items: list[Any], size: int = BATCH_SIZE) -> Iterator[list[Any]]:
@@ -184,14 +150,6 @@ def _chunks(items: list[Any], size: int = BATCH_SIZE) -> Iterator[list[Any]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _finite(value: object) -> float | None:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _check_study_name(study_name: str) -> str:
@@ -204,203 +162,17 @@ def _check_study_name(study_name: str) -> str:
     return study_name
 
 
-# -- environment description (computed once per tracker) -------------------------------------------------
-
-
-def project_git_commit(root: Path = _PROJECT_ROOT) -> str | None:
-    """The commit checked out in ``root``, or None when it is not a git repository (or has no commit)."""
-    try:
-        completed = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--verify", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = completed.stdout.strip()
-    return commit if completed.returncode == 0 and commit else None
-
-
-def package_versions(packages: Iterable[str] = TRACKED_PACKAGES) -> dict[str, str]:
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def device_name(requested: str | None = None) -> str:
-    """The accelerator a run used: the CUDA device name, or the CPU (``platform.processor()``)."""
-    requested = str(requested or "")
-    if requested in ("", "auto", "cuda") or requested.startswith("cuda:"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                index = torch.device(requested).index if requested.startswith("cuda:") else None
-                return torch.cuda.get_device_name(index or 0)
-        except Exception:  # noqa: BLE001 - a broken CUDA setup must not stop tracking
-            pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def environment_tags(requested_device: str | None = None, git_commit: str | None = None) -> dict[str, str]:
+    """Package versions, the device (kind and name), the host and the project commit of a run."""
+    device = describe_device(requested_device)
     tags = {f"diffvos.version.{name}": version for name, version in package_versions().items()}
-    tags["diffvos.device"] = device_name(requested_device)
+    tags[TAG_DEVICE] = str(device)
+    tags["diffvos.device_kind"] = device.kind
     tags["diffvos.hostname"] = socket.gethostname()
     if git_commit:
         tags["diffvos.git_commit"] = git_commit
         tags[MLFLOW_GIT_COMMIT] = git_commit
     return tags
-
-
-# -- artifacts of a trial --------------------------------------------------------------------------------
-
-
-def _numeric_fields(record: object) -> dict[str, float]:
-    """The finite numeric fields of a dataclass (e.g. the feature cache's counters)."""
-    if not dataclasses.is_dataclass(record) or isinstance(record, type):
-        return {}
-    values = {f.name: _finite(getattr(record, f.name)) for f in dataclasses.fields(record)}
-    return {name: value for name, value in values.items() if value is not None}
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-OBJECT_COLUMNS = [
-    "sequence",
-    "object",
-    "scored_frames",
-    "J-Mean",
-    "J-Recall",
-    "J-Decay",
-    "F-Mean",
-    "F-Recall",
-    "F-Decay",
-    "J&F",
-]
-SEQUENCE_COLUMNS = ["index", "sequence", "frames", "objects", "J&F", "J-Mean", "F-Mean", "seconds"]
-
-
-def object_row(score: ObjectScores) -> list[object]:
-    """One object's DAVIS statistics (mean, recall, decay of J and F over its scored frames)."""
-    j, f = score.j_statistics, score.f_statistics
-    return [
-        score.sequence,
-        score.object_id,
-        len(score.frames),
-        j.mean,
-        j.recall,
-        j.decay,
-        f.mean,
-        f.recall,
-        f.decay,
-        (j.mean + f.mean) / 2,
-    ]
-
-
-def write_sequence_tables(sequences: list[SequenceOutcome], folder: Path) -> list[Path]:
-    """``per_sequence.csv`` (one row per sequence) and, with ground truth, ``per_object.csv`` (one row per
-    object: the rows of the run's evaluation)."""
-    rows: list[list[object]] = []
-    for outcome in sequences:
-        scores = outcome.scores or []
-        j_mean = float(np.mean([s.j_statistics.mean for s in scores])) if scores else ""
-        f_mean = float(np.mean([s.f_statistics.mean for s in scores])) if scores else ""
-        jf = outcome.jf
-        rows.append(
-            [
-                outcome.index,
-                outcome.name,
-                outcome.num_frames,
-                len(outcome.object_ids),
-                "" if jf is None else jf,
-                j_mean,
-                f_mean,
-                sum(outcome.seconds.values()),
-            ]
-        )
-    written = [folder / "per_sequence.csv"]
-    _write_csv(written[0], SEQUENCE_COLUMNS, rows)
-    object_rows = [object_row(score) for outcome in sequences for score in outcome.scores or []]
-    if object_rows:
-        written.append(folder / "per_object.csv")
-        _write_csv(written[1], OBJECT_COLUMNS, object_rows)
-    return written
-
-
-def zip_predictions(predictions_dir: Path, target: Path) -> Path | None:
-    """All prediction PNGs as ``<sequence>/<frame>.png`` in one archive; None when there are none."""
-    pngs = sorted(predictions_dir.rglob("*.png")) if predictions_dir.is_dir() else []
-    if not pngs:
-        return None
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for png in pngs:
-            archive.write(png, png.relative_to(predictions_dir).as_posix())
-    return target
-
-
-def overlay_image(
-    frame: np.ndarray,
-    labels: np.ndarray,
-    palette: list[int],
-    max_width: int = OVERLAY_MAX_WIDTH,
-    alpha: float = OVERLAY_ALPHA,
-) -> Image.Image:
-    """The frame with each object's pixels blended with its palette colour, at most ``max_width`` wide."""
-    if labels.shape != frame.shape[:2]:
-        resized = Image.fromarray(labels).resize((frame.shape[1], frame.shape[0]), Image.Resampling.NEAREST)
-        labels = np.asarray(resized)
-    colours = np.zeros((256, 3), dtype=np.float32)
-    flat = np.asarray(palette[: 256 * 3], dtype=np.float32)
-    colours.reshape(-1)[: flat.size] = flat
-    blended = frame.astype(np.float32)
-    objects = (labels > 0) & (labels != 255)
-    blended[objects] = (1 - alpha) * blended[objects] + alpha * colours[labels[objects]]
-    image = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
-    if image.width > max_width:
-        height = max(1, round(image.height * max_width / image.width))
-        image = image.resize((max_width, height), Image.Resampling.BILINEAR)
-    return image
-
-
-def _overlay_indices(num_frames: int) -> list[int]:
-    return sorted({0, num_frames // 2, num_frames - 1}) if num_frames > 0 else []
-
-
-def write_overlays(result: RunResult, folder: Path) -> list[Path]:
-    """First, middle and last frame of every sequence blended with its predicted mask (PNG)."""
-    from harness.data import open_dataset, read_frame, read_mask
-    from harness.data.masks import DAVIS_PALETTE, read_palette
-
-    spec = result.config.dataset
-    names = [outcome.name for outcome in result.sequences]
-    if not names:
-        return []
-    dataset = open_dataset(spec.root, spec.split, names, spec.resolution)
-    written = []
-    for sequence in dataset.sequences:
-        frame_names = sequence.frame_names
-        for index in _overlay_indices(len(frame_names)):
-            prediction = result.predictions_dir / sequence.name / f"{frame_names[index]}.png"
-            if not prediction.is_file():
-                continue
-            palette = read_palette(prediction) or DAVIS_PALETTE
-            image = overlay_image(read_frame(sequence.frames[index]), read_mask(prediction), palette)
-            target = folder / sequence.name / f"{frame_names[index]}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            image.save(target)
-            written.append(target)
-    return written
 
 
 # -- runs ------------------------------------------------------------------------------------------------
@@ -417,7 +189,7 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str], lo
             logged[key] = value
         elif logged[key] != value:
             tag_key = mlflow_key(f"diffvos.param_conflict.{key}")
-            conflicts.append(RunTag(tag_key, _truncate(value, MAX_TAG_VALUE_LENGTH)))
+            conflicts.append(RunTag(tag_key, truncate(value, MAX_TAG_VALUE_LENGTH)))
     for chunk in _chunks(fresh):
         client.log_batch(run_id, params=chunk)
     if conflicts:
@@ -430,7 +202,7 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str], lo
 
 
 def _log_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
-    entries = [RunTag(mlflow_key(k), _truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
+    entries = [RunTag(mlflow_key(k), truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
     for chunk in _chunks(entries):
         client.log_batch(run_id, tags=chunk)
 
@@ -443,7 +215,8 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float]
 
 
 class TrialRun:
-    """The child run of one trial. Create it with :meth:`StudyTracker.start_trial`; always :meth:`end` it.
+    """The child run of one trial (or of one tracked one-off run). Create it with
+    :meth:`StudyTracker.start_trial` or :meth:`StudyTracker.start_run`; always :meth:`end` it.
 
     Used as a context manager it ends itself: FINISHED, KILLED with tag ``pruned=true`` on
     ``optuna.TrialPruned``, KILLED on Ctrl-C, FAILED (with the error) on any other exception.
@@ -454,7 +227,7 @@ class TrialRun:
         client: MlflowClient,
         run_id: str,
         study_name: str,
-        trial_number: int,
+        trial_number: int | None,
         logged_params: dict[str, str],
     ) -> None:
         self.run_id = run_id
@@ -464,6 +237,8 @@ class TrialRun:
         self._logged_params = logged_params
         self._logged_sequences: set[str] = set()
         self._ended = False
+        # the peak GPU memory metric covers this run only
+        reset_peak_gpu_memory()
 
     def __enter__(self) -> TrialRun:
         return self
@@ -490,46 +265,27 @@ class TrialRun:
         _log_tags(self._client, self.run_id, {k: str(v) for k, v in tags.items()})
 
     def log_sequence(self, outcome: SequenceOutcome) -> None:
-        """One finished sequence: stepped ``sequence_jf`` (step = sequence index) and ``jf/<sequence>``."""
-        metrics: dict[str, float] = {}
-        seconds = _finite(sum(outcome.seconds.values()))
-        if seconds is not None:
-            metrics["sequence_time_s"] = seconds
-        jf = _finite(outcome.jf)
+        """One finished sequence as ``jf/<sequence>`` (so a running trial shows its progress in the UI).
+
+        The per-sequence table (``per_sequence.json``) is logged with the result."""
+        jf = finite(outcome.jf)
         if jf is not None:
-            metrics["sequence_jf"] = jf
-            metrics[f"jf/{outcome.name}"] = jf
-        if metrics:
-            _log_metrics(self._client, self.run_id, metrics, step=outcome.index)
-        if jf is not None:
+            _log_metrics(self._client, self.run_id, {f"jf/{outcome.name}": jf}, step=outcome.index)
             self._logged_sequences.add(outcome.name)
 
-    def log_result(self, result: RunResult) -> None:
-        """Settings, metrics, timings, cache counters and artifacts of a finished pipeline run."""
+    def log_result(self, result: RunResult, *, worst_sequences: int = 3) -> None:
+        """Settings, metrics, timings, memory, cache counters and artifacts of a finished pipeline run.
+
+        Artifacts: ``config.yaml``, ``per_sequence.csv`` / ``.json`` (the JSON is a table the MLflow UI
+        shows), ``per_object.csv``, ``predictions.zip``, ``overlays/<sequence>/<frame>.png`` (first, middle
+        and last frame) and ``worst_sequences/<rank>-<sequence>.gif`` for the ``worst_sequences``
+        sequences with the lowest J&F (misses and false labels in two colours).
+        """
         params = flatten_settings(result.config.to_dict())
         params["resolved.timestep"] = str(result.timestep)
         params["resolved.layer"] = str(result.layer)
         _log_params(self._client, self.run_id, params, self._logged_params)
-
-        metrics: dict[str, float] = {}
-        for name, value in (result.metrics or {}).items():
-            number = _finite(value)
-            if number is not None:
-                metrics[METRIC_NAMES.get(name, mlflow_key(name))] = number
-        for outcome in result.sequences:
-            jf = _finite(outcome.jf)
-            if jf is not None and outcome.name not in self._logged_sequences:
-                metrics[f"jf/{outcome.name}"] = jf
-        for stage, seconds in result.timings.items():
-            number = _finite(seconds)
-            if number is not None:
-                metrics[f"time_{stage}_s"] = number
-        if result.cache_stats is not None:
-            for counter, value in _numeric_fields(result.cache_stats).items():
-                metrics[f"cache_{counter}"] = value
-        metrics["num_sequences"] = float(len(result.sequences))
-        metrics["num_frames"] = float(sum(o.num_frames for o in result.sequences))
-        _log_metrics(self._client, self.run_id, metrics)
+        _log_metrics(self._client, self.run_id, self._result_metrics(result))
         _log_tags(
             self._client,
             self.run_id,
@@ -538,7 +294,11 @@ class TrialRun:
                 "diffvos.output_dir": str(result.output_dir),
             },
         )
-
+        with warnings.catch_warnings():
+            # MLflow's log_table probes object columns in a way pandas 3 warns about; nothing to act on
+            warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
+            table = sequence_table(result.sequences)
+            self._client.log_table(self.run_id, data=table, artifact_file="per_sequence.json")
         with tempfile.TemporaryDirectory(prefix="diffvos-artifacts-") as scratch:
             folder = Path(scratch)
             config_file = Path(result.output_dir) / "config.yaml"
@@ -550,10 +310,46 @@ class TrialRun:
             zip_predictions(Path(result.predictions_dir), folder / "predictions.zip")
             try:
                 write_overlays(result, folder / "overlays")
+                write_worst_sequence_gifs(result, folder / "worst_sequences", worst_sequences)
             except Exception as error:  # noqa: BLE001 - overlays are a convenience; keep the run's results
                 warnings.warn(f"run {self.run_id}: no overlay images ({error})", stacklevel=2)
                 _log_tags(self._client, self.run_id, {"diffvos.overlay_error": str(error)})
             self._client.log_artifacts(self.run_id, scratch)
+
+    def _result_metrics(self, result: RunResult) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, value in (result.metrics or {}).items():
+            number = finite(value)
+            if number is not None:
+                metrics[METRIC_NAMES.get(name, mlflow_key(name))] = number
+        for name, value in mean_sequence_metrics(result.sequences).items():
+            if name in DIAGNOSTIC_METRICS:
+                # shares: the mean over the sequences (the pipeline's run-level value is their sum)
+                metrics[mlflow_key(name)] = value
+            else:  # counts and the like: the run-level value (the sum) when the run reports one
+                metrics.setdefault(mlflow_key(name), value)
+        for outcome in result.sequences:
+            jf = finite(outcome.jf)
+            if jf is not None and outcome.name not in self._logged_sequences:
+                metrics[f"jf/{outcome.name}"] = jf
+        num_frames = sum(o.num_frames for o in result.sequences)
+        for stage, seconds in result.timings.items():
+            number = finite(seconds)
+            if number is None:
+                continue
+            metrics[f"time_{stage}_s"] = number
+            if stage in PER_FRAME_STAGES and num_frames:
+                metrics[f"time_{stage}_per_frame_ms"] = 1000 * number / num_frames
+        if result.cache_stats is not None:
+            for counter, value in numeric_fields(result.cache_stats).items():
+                metrics[f"cache_{counter}"] = value
+        gpu_peak = peak_gpu_memory_bytes() if uses_cuda(result.config.backbone.device) else None
+        if gpu_peak is not None:
+            metrics["peak_gpu_memory_mb"] = gpu_peak / MB
+        metrics["peak_rss_mb"] = process_peak_rss_bytes() / MB
+        metrics["num_sequences"] = float(len(result.sequences))
+        metrics["num_frames"] = float(num_frames)
+        return metrics
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         """Close the run as FINISHED, FAILED or KILLED; the error text goes to a tag and ``error.txt``.
@@ -601,7 +397,9 @@ class StudyTracker:
         if experiment is None:
             location = self.config.artifact_location or default_artifact_location(self.tracking_uri)
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(
+                    name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             except MlflowException:
                 experiment = self.client.get_experiment_by_name(name)
                 if experiment is None:
@@ -611,6 +409,8 @@ class StudyTracker:
                 f"MLflow experiment {name!r} in {self.tracking_uri} is deleted; restore it "
                 f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or use another name"
             )
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag existed, or by another tool
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _search(self, filter_string: str) -> list[Run]:
@@ -645,11 +445,15 @@ class StudyTracker:
 
     # -- API -----------------------------------------------------------------------------------------
 
-    def ensure_parent_run(self, description: str = "", params: dict | None = None) -> str:
+    def ensure_parent_run(
+        self, description: str = "", params: dict | None = None, *, reopen: bool = True
+    ) -> str:
         """The id of the study's parent run, created on the first call.
 
         When two processes race to create it, both re-check after creating and the older run wins; the
-        loser deletes its own. A parent found FINISHED (an earlier sweep) is marked RUNNING again.
+        loser deletes its own. A parent found FINISHED (an earlier sweep) is marked RUNNING again; with
+        ``reopen=False`` (a one-off run joining the study) it is left as it is, and one created here is
+        closed at once (it only groups the runs).
         """
         existing = self._parent_runs()
         if existing:
@@ -660,7 +464,7 @@ class StudyTracker:
                 tags[MLFLOW_RUN_NOTE] = description
             created = self.client.create_run(
                 self.experiment_id,
-                tags={k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in tags.items()},
+                tags={k: truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in tags.items()},
                 run_name=self.study_name,
             )
             contenders = self._parent_runs()
@@ -671,9 +475,11 @@ class StudyTracker:
         if params:
             _log_params(self.client, run_id, flatten_settings(params), dict(parent.data.params))
         if description and parent.data.tags.get(MLFLOW_RUN_NOTE) != description:
-            self.client.set_tag(run_id, MLFLOW_RUN_NOTE, _truncate(description, MAX_TAG_VALUE_LENGTH))
-        if parent.info.status != "RUNNING":
+            self.client.set_tag(run_id, MLFLOW_RUN_NOTE, truncate(description, MAX_TAG_VALUE_LENGTH))
+        if reopen and parent.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
+        elif not reopen and not existing and parent.info.status == "RUNNING":
+            self.client.set_terminated(run_id, status="FINISHED")
         return run_id
 
     def start_trial(
@@ -703,14 +509,45 @@ class StudyTracker:
         try:
             flat = flatten_settings(settings)
             for name, value in params.items():
-                flat.setdefault(mlflow_key(name), _truncate(_format_value(value), MAX_PARAM_VALUE_LENGTH))
+                flat.setdefault(mlflow_key(name), truncate(format_value(value), MAX_PARAM_VALUE_LENGTH))
             logged: dict[str, str] = {}
             _log_params(self.client, run_id, flat, logged)
         except BaseException as error:
-            self.client.set_tag(run_id, TAG_ERROR, _truncate(repr(error), MAX_TAG_VALUE_LENGTH))
+            self.client.set_tag(run_id, TAG_ERROR, truncate(repr(error), MAX_TAG_VALUE_LENGTH))
             self.client.set_terminated(run_id, status="FAILED")
             raise
         return TrialRun(self.client, run_id, self.study_name, trial_number, logged)
+
+    def start_run(
+        self, parent_run_id: str, config: _HasToDict, tags: Mapping[str, str] | None = None
+    ) -> TrialRun:
+        """A RUNNING child run for a one-off run (``harness run --track``, ``harness reproduce``): logged
+        like a trial (same params, metrics and artifacts) with role ``run`` and no trial number."""
+        settings = config.to_dict()
+        backbone = settings.get("backbone") if isinstance(settings, dict) else None
+        requested_device = backbone.get("device") if isinstance(backbone, dict) else None
+        all_tags = {
+            MLFLOW_PARENT_RUN_ID: parent_run_id,
+            TAG_STUDY: self.study_name,
+            TAG_ROLE: ROLE_RUN,
+            **self._environment_tags(requested_device),
+            **{mlflow_key(k): str(v) for k, v in (tags or {}).items()},
+        }
+        output = Path(str(settings.get("output_dir", "run"))).name if isinstance(settings, dict) else "run"
+        run = self.client.create_run(
+            self.experiment_id,
+            tags={k: truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in all_tags.items()},
+            run_name=f"{self.study_name}-{output}-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
+        run_id = run.info.run_id
+        logged: dict[str, str] = {}
+        try:
+            _log_params(self.client, run_id, flatten_settings(settings), logged)
+        except BaseException as error:
+            self.client.set_tag(run_id, TAG_ERROR, truncate(repr(error), MAX_TAG_VALUE_LENGTH))
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        return TrialRun(self.client, run_id, self.study_name, None, logged)
 
     def _trial_runs(self, trial_number: int | None = None, status: str | None = None) -> list[Run]:
         filter_string = self._study_filter(ROLE_TRIAL)
@@ -756,7 +593,7 @@ class StudyTracker:
         """
         from optuna.trial import TrialState
 
-        from harness import plots
+        from harness.tracking import plots
 
         trials = study.get_trials(deepcopy=False)
         counts = {state: sum(t.state == state for t in trials) for state in TrialState}
@@ -773,13 +610,18 @@ class StudyTracker:
             if best.value is not None and math.isfinite(best.value):
                 metrics["best_value"] = float(best.value)
                 metrics["best_trial"] = float(best.number)
-                tags.update({mlflow_key(f"best.{k}"): _format_value(v) for k, v in best.params.items()})
+                tags.update({mlflow_key(f"best.{k}"): format_value(v) for k, v in best.params.items()})
         _log_metrics(self.client, parent_run_id, metrics, step=len(trials))
         if tags:
             _log_tags(self.client, parent_run_id, tags)
 
+        fixed = {
+            key.removeprefix("fixed."): parse_param(value)
+            for key, value in self.client.get_run(parent_run_id).data.params.items()
+            if key.startswith("fixed.")
+        }
         with tempfile.TemporaryDirectory(prefix="diffvos-plots-") as scratch:
-            for filename, figure in plots.study_figures(study).items():
+            for filename, figure in plots.study_figures(study, fixed=fixed).items():
                 plots.save_figure(figure, Path(scratch) / filename)
             if any(Path(scratch).iterdir()):
                 self.client.log_artifacts(parent_run_id, scratch, artifact_path="plots")
@@ -792,8 +634,35 @@ class StudyTracker:
             self.client.update_run(parent_run_id, status="RUNNING")
 
 
+def track_run(
+    config: RunConfig,
+    tracking: TrackingConfig,
+    *,
+    study: str = DEFAULT_RUN_STUDY,
+    tags: Mapping[str, str] | None = None,
+    runner: Callable[..., RunResult] | None = None,
+    worst_sequences: int = 3,
+) -> tuple[RunResult, str]:
+    """Run the pipeline for ``config`` and log it to MLflow like a sweep trial (same params, metrics and
+    artifacts), as a child of ``study``'s parent run so that it sits beside that study's trials.
+
+    ``tags`` are added to the run (``harness reproduce`` sets ``diffvos.system``). Returns the result and
+    the run id; a failing run is recorded as FAILED and its error re-raised.
+    """
+    if runner is None:
+        from harness.pipeline import run as runner
+
+    tracker = StudyTracker(tracking, study)
+    parent = tracker.ensure_parent_run(reopen=False)
+    with tracker.start_run(parent, config, tags) as tracked:
+        result = runner(config, on_sequence=tracked.log_sequence)
+        tracked.log_result(result, worst_sequences=worst_sequences)
+    return result, tracked.run_id
+
+
 __all__ = [
     "DEFAULT_EXPERIMENT",
+    "DEFAULT_RUN_STUDY",
     "DEFAULT_TRACKING_URI",
     "METRIC_NAMES",
     "StudyTracker",
@@ -801,4 +670,5 @@ __all__ = [
     "TrialRun",
     "flatten_settings",
     "resolve_tracking_uri",
+    "track_run",
 ]
