@@ -6,7 +6,7 @@ WORKERS ?= 1
 STORAGE ?= studies-storage/$(STUDY).journal
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup quickstart test lint sweep leaderboard ui dashboard bench synth clean
+.PHONY: setup quickstart test lint sweep leaderboard ui dashboard bench synth clean reproduce
 
 ## Create .venv with the CPU build of torch and the project in editable mode
 setup:
@@ -48,6 +48,10 @@ endif
 
 bench:
 	$(PYTHON) -m harness.cli bench all
+
+## Run one published system with its released settings: make reproduce SYSTEM=paper-adm [DATASET=data/DAVIS]
+reproduce:
+	$(PYTHON) -m harness.cli reproduce $(if $(SYSTEM),$(SYSTEM),--list) $(if $(DATASET),--dataset $(DATASET),)
 
 clean:
 	rm -rf runs cache .pytest_cache

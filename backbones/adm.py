@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,15 @@ import torch
 
 from backbones import register
 from backbones.adm_unet import ADM_256_UNCOND, ADM_TINY, ADMConfig, ADMUNet
-from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator, linear_alphas_cumprod
+from backbones.base import (
+    FLOAT32_BYTES,
+    Backbone,
+    LayerInfo,
+    LayerKey,
+    MemoryEstimate,
+    frame_generator,
+    linear_alphas_cumprod,
+)
 from backbones.errors import ConfigError, HarnessError, WeightsNotFoundError
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
@@ -36,6 +45,14 @@ _PUBLISHED: dict[str, tuple[str, str]] = {ADM_256_UNCOND.preset: (OFFICIAL_FILEN
 
 #: bump when a code change alters the features a given checkpoint produces (invalidates feature caches)
 _IMPLEMENTATION_VERSION = 1
+
+#: the paper's ADM setting: t 30 and layer 6 from diff-zvos docs/EVALUATION.md:36 (the documented ADM
+#: command overrides only these); the ensemble of 8 noise draws from src/config/eval.yaml:12, which that
+#: command keeps
+PAPER_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 6, "default_ensemble_size": 8}
+#: the smoke model: one noise draw keeps it quick (it has no published setting)
+#: layer 4 is its first stride-8 block at the level-3 width, where layer 6 sits in the official model
+TINY_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 4, "default_ensemble_size": 1}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HASH_CHUNK = 1 << 22
@@ -78,6 +95,42 @@ def file_sha256(path: Path) -> str:
     except OSError:
         temporary.unlink(missing_ok=True)
     return hex_digest
+
+
+def _cells(height: int, width: int, rate: int) -> int:
+    return math.ceil(height / rate) * math.ceil(width / rate)
+
+
+def adm_memory_estimate(config: ADMConfig, input_size: tuple[int, int], parameters: int) -> MemoryEstimate:
+    """An upper bound of one ADM forward pass per sample, from the architecture alone.
+
+    Held at once: the noised input (with its noise and the clean frame), every encoder output kept for the
+    skip connections, and the larger of a ResBlock's temporaries at the finest level and the attention
+    weights (heads x tokens^2, three times: the product, its softmax and a contiguous copy for the second
+    product) at the finest attended level.
+    """
+    height, width = input_size
+    mc = config.model_channels
+    skips = mc * _cells(height, width, 1)
+    working = 0
+    attention = 0
+    rate = 1
+    last = len(config.channel_mult) - 1
+    for level, mult in enumerate(config.channel_mult):
+        channels = mult * mc
+        cells = _cells(height, width, rate)
+        skips += config.num_res_blocks * channels * cells
+        # a decoder ResBlock sees its input concatenated with a skip: at most 2C in, several temporaries
+        working = max(working, 8 * 2 * channels * cells)
+        if rate in config.attention_rates or level == last:
+            heads = channels // config.num_head_channels
+            attention = max(attention, 3 * heads * cells * cells + 6 * channels * cells)
+        if level != last:
+            rate *= 2
+            skips += channels * _cells(height, width, rate)
+    inputs = 3 * 3 * height * width
+    per_sample = FLOAT32_BYTES * (inputs + skips + max(working, attention))
+    return MemoryEstimate(weights=FLOAT32_BYTES * parameters, per_frame=0, per_sample=per_sample)
 
 
 def random_state_dict(config: ADMConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -142,6 +195,7 @@ class ADMBackbone(Backbone):
         name: str = "adm",
         default_timestep: int = 30,
         default_layer: int = 6,
+        default_ensemble_size: int = 8,
         dtype: str = "fp32",
         channels_last: bool | str = False,
         compile: bool | str = False,
@@ -161,11 +215,13 @@ class ADMBackbone(Backbone):
         self.alphas_cumprod = linear_alphas_cumprod(self.num_train_timesteps)
         self.default_timestep = self.check_timestep(default_timestep)
         self.default_layer = min(default_layer, config.num_output_blocks - 1)
+        self.default_ensemble_size = self.resolve_ensemble_size(default_ensemble_size)
         self.weights_path, self.weights_url = self._weights_location(weights, weights_dir)
         self._net: ADMUNet | None = None
         #: the loaded network's decoder_features, compiled when asked for
         self._run: Callable[..., dict[int, torch.Tensor]] | None = None
         self._weights_hash: str | None = None
+        self._parameters: int | None = None
 
     # -- weights -------------------------------------------------------------------------------------
 
@@ -291,6 +347,12 @@ class ADMBackbone(Backbone):
             parts.append(self.dtype)  # reduced precision changes the features
         return "/".join(parts)
 
+    def estimate_memory(self, input_size: tuple[int, int], layers: list[LayerKey]) -> MemoryEstimate:
+        if self._parameters is None:
+            with torch.device("meta"):
+                self._parameters = sum(p.numel() for p in ADMUNet(self.config).parameters())
+        return adm_memory_estimate(self.config, input_size, self._parameters)
+
     def describe(self) -> dict[str, object]:
         info = super().describe()
         info["preset"] = self.config.preset
@@ -377,13 +439,14 @@ _OPTIONS = (
     "init_seed",
     "default_timestep",
     "default_layer",
+    "default_ensemble_size",
 )
 
 
 def _build(
     config: ADMConfig,
     name: str,
-    default_layer: int,
+    defaults: dict[str, int],
     weights: str | None,
     device: torch.device | str,
     options: dict[str, object],
@@ -393,7 +456,7 @@ def _build(
         raise ConfigError(
             f"unknown option(s) {', '.join(unknown)} for backbone {name!r}; known: {', '.join(_OPTIONS)}"
         )
-    options = {"default_layer": default_layer} | options
+    options = defaults | options
     return ADMBackbone(config, weights, device, name=name, **options)  # type: ignore[arg-type]
 
 
@@ -402,12 +465,12 @@ def official_adm(
     weights: str | None = None, device: torch.device | str = "cpu", **options: object
 ) -> ADMBackbone:
     """guided-diffusion's 256x256 unconditional model (downloaded on first use)."""
-    return _build(ADM_256_UNCOND, "adm", 6, weights, device, options)
+    return _build(ADM_256_UNCOND, "adm", dict(PAPER_ADM_DEFAULTS), weights, device, options)
 
 
 @register("adm-tiny")
 def tiny_adm(
     weights: str | None = None, device: torch.device | str = "cpu", **options: object
 ) -> ADMBackbone:
-    """A toy ADM with random weights; layer 2 is its first stride-2 decoder block, the analogue of layer 6."""
-    return _build(ADM_TINY, "adm-tiny", 2, weights, device, options)
+    """A toy ADM with random weights; layer 4 (stride 8) is the analogue of the official layer 6."""
+    return _build(ADM_TINY, "adm-tiny", dict(TINY_ADM_DEFAULTS), weights, device, options)

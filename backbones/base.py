@@ -9,6 +9,7 @@ batching.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from backbones.errors import ConfigError
 
 LayerKey = int | str
 
+FLOAT32_BYTES = 4
+
 
 @dataclass(frozen=True)
 class LayerInfo:
@@ -26,6 +29,23 @@ class LayerInfo:
     key: LayerKey
     channels: int
     stride: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of feature extraction, in bytes, as an upper bound (float32 activations).
+
+    ``weights`` stay for the whole run; ``per_frame`` is work done once per frame whatever the ensemble
+    (SD's VAE encoding); ``per_sample`` is one noise draw's forward pass (held at once for a whole batch).
+    """
+
+    weights: int
+    per_frame: int
+    per_sample: int
+
+    def peak(self, frames: int, ensemble_size: int) -> int:
+        """Bytes needed to extract ``frames`` frames of ``ensemble_size`` draws in one pass."""
+        return self.weights + frames * self.per_frame + frames * ensemble_size * self.per_sample
 
 
 def frame_generator(
@@ -55,6 +75,8 @@ class Backbone(ABC):
     num_train_timesteps: int = 1000
     default_timestep: int = 0
     default_layer: LayerKey = 0
+    #: noise draws averaged per frame when the run config leaves ``backbone.ensemble_size`` null
+    default_ensemble_size: int = 1
     #: the network input size must be a multiple of this
     size_multiple: int = 32
 
@@ -98,6 +120,27 @@ class Backbone(ABC):
         names = ", ".join(str(k) for k in available)
         raise ConfigError(f"backbone {self.name!r} has no layer {layer!r}; available layers: {names}")
 
+    def resolve_ensemble_size(self, ensemble_size: int | None) -> int:
+        """``ensemble_size``, or the backbone's published default when it is None."""
+        size = self.default_ensemble_size if ensemble_size is None else ensemble_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"ensemble size must be a positive integer, got {size!r}")
+        return size
+
+    def estimate_memory(self, input_size: tuple[int, int], layers: list[LayerKey]) -> MemoryEstimate:
+        """An upper bound of the memory that extracting ``layers`` at ``input_size`` = (H, W) takes.
+
+        The generic bound counts every decoder layer's output a few times over (skip connections, a block's
+        temporaries); backbones with attention or large weights override it.
+        """
+        height, width = input_size
+        table = self.layers()
+        activations = sum(
+            info.channels * math.ceil(height / info.stride) * math.ceil(width / info.stride)
+            for info in table.values()
+        )
+        return MemoryEstimate(weights=0, per_frame=0, per_sample=4 * FLOAT32_BYTES * activations)
+
     def check_timestep(self, timestep: int) -> int:
         if not isinstance(timestep, int) or isinstance(timestep, bool):
             raise ConfigError(f"time step must be an integer, got {timestep!r}")
@@ -113,6 +156,7 @@ class Backbone(ABC):
             "name": self.name,
             "default_timestep": self.default_timestep,
             "default_layer": self.default_layer,
+            "default_ensemble_size": self.default_ensemble_size,
             "layers": [
                 {"layer": info.key, "channels": info.channels, "stride": info.stride}
                 for info in self.layers().values()

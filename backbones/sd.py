@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from backbones import register
-from backbones.base import Backbone, LayerInfo, LayerKey, frame_generator
+from backbones.base import FLOAT32_BYTES, Backbone, LayerInfo, LayerKey, MemoryEstimate, frame_generator
 from backbones.errors import ConfigError, WeightsNotFoundError
 
 #: bump when the feature definition changes, so that cached features are not reused
@@ -137,6 +138,64 @@ def default_sd_layer(unet_config: Mapping[str, Any]) -> int:
     num_blocks = len(unet_config["block_out_channels"])
     resnets_per_block = [n + 1 for n in reversed(_per_block(unet_config["layers_per_block"], num_blocks))]
     return sum(resnets_per_block[:-1])
+
+
+def _cells(height: int, width: int, rate: int) -> int:
+    """Positions of a map downsampled ``rate`` times by stride-2 convs (each rounds up)."""
+    for _ in range(max(rate.bit_length() - 1, 0)):
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    return height * width
+
+
+def sd_memory_estimate(
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    input_size: tuple[int, int],
+    parameters: int,
+    *,
+    materialised_attention: bool = False,
+) -> MemoryEstimate:
+    """An upper bound of SD feature extraction, from the configs alone.
+
+    Per frame: the VAE encoder's temporaries at full resolution and its attention over the latent.
+    Per sample (noise draw): the UNet's skip connections, and the larger of a block's temporaries and the
+    attention temporaries at the finest attended level. diffusers attends with scaled_dot_product_attention,
+    whose fused CPU and CUDA kernels never hold the tokens^2 weights; ``materialised_attention`` counts them
+    (heads x tokens^2, twice) for the math fallback.
+    """
+    height, width = input_size
+    vae_scale = vae_downsampling(vae_config)
+    vae_channels = list(vae_config["block_out_channels"])
+    latent_h, latent_w = math.ceil(height / vae_scale), math.ceil(width / vae_scale)
+    latent_cells = latent_h * latent_w
+    # the encoder's first level runs at full resolution with its widest temporaries there
+    attention_map = 2 * latent_cells * latent_cells if materialised_attention else 0
+    per_frame = 8 * vae_channels[0] * height * width + attention_map
+
+    channels = list(unet_config["block_out_channels"])
+    levels = len(channels)
+    layers = _per_block(unet_config["layers_per_block"], levels)
+    heads_setting = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim") or 8
+    heads = _per_block(heads_setting, levels)
+    attended = [kind.startswith("CrossAttn") for kind in unet_config["down_block_types"]]
+    skips = channels[0] * latent_cells
+    working = attention = 0
+    for level in range(levels):
+        cells = _cells(latent_h, latent_w, 2**level)
+        skips += layers[level] * channels[level] * cells
+        if level < levels - 1:
+            skips += channels[level] * _cells(latent_h, latent_w, 2 ** (level + 1))
+        working = max(working, 8 * 2 * channels[level] * cells)
+        if attended[level] or level == levels - 1:  # the mid block attends at the coarsest level
+            weights = 2 * heads[level] * cells * cells if materialised_attention else 0
+            attention = max(attention, weights + 12 * channels[level] * cells)
+    inputs = 4 * 4 * latent_cells  # latent draw, noise, noised latent, a copy
+    per_sample = inputs + skips + max(working, attention)
+    return MemoryEstimate(
+        weights=FLOAT32_BYTES * parameters,
+        per_frame=FLOAT32_BYTES * per_frame,
+        per_sample=FLOAT32_BYTES * per_sample,
+    )
 
 
 def decoder_modules(unet: nn.Module) -> dict[LayerKey, nn.Module]:
@@ -372,6 +431,13 @@ def tiny_vae_config(levels: int = 2) -> dict[str, Any]:
     }
 
 
+#: the smoke model ``sd-tiny``: SD's layout in miniature. The VAE downsamples by 8 and the UNet has four
+#: levels with cross attention in all but the coarsest, i.e. at pixel strides 8, 16 and 32 as in SD, so a
+#: 480p frame runs in bounded memory (attention at a VAE stride of 2 would be 10^10 weights per head)
+SD_TINY_UNET_CHANNELS = (32, 32, 64, 64)
+SD_TINY_VAE_LEVELS = 4
+
+
 def build_tiny_components(
     init_seed: int = 0,
     *,
@@ -466,8 +532,10 @@ class StableDiffusionBackbone(Backbone):
     """Decoder features of a Stable Diffusion UNet at one noise level, with the empty prompt."""
 
     name = "sd"
+    # the released SD setting, diff-zvos src/config/eval.yaml:11 (t 100), :12 (8 noise draws), :18 (layer 9)
     default_timestep = 100
     default_layer: LayerKey = 9
+    default_ensemble_size = 8
 
     def __init__(
         self,
@@ -478,6 +546,7 @@ class StableDiffusionBackbone(Backbone):
         device: torch.device = _CPU,
         dtype: str = "fp32",
         channels_last: bool = False,
+        default_ensemble_size: int | None = None,
     ) -> None:
         if dtype not in _DTYPES:
             raise ConfigError(f"backbone {name!r}: dtype {dtype!r} is not one of fp32, fp16, bf16")
@@ -505,8 +574,13 @@ class StableDiffusionBackbone(Backbone):
         if set(self._layer_modules) != set(self._layers):
             raise ConfigError(f"backbone {name!r}: the UNet's up blocks do not match its config")
         self.default_layer = default_sd_layer(self.unet.config)
-        self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config["block_out_channels"]) - 1)
+        # Only the VAE needs whole multiples: diffusers' UNet passes its up blocks the skip sizes when the
+        # latent is not a multiple of its own downsampling (60x104 latents of 480x832 frames), as the
+        # released code runs SD (diff-zvos src/model/sd_feature_extractor.py:45-51 and 140-141).
+        self.size_multiple = self.vae_scale
         self.default_timestep = min(StableDiffusionBackbone.default_timestep, self.num_train_timesteps - 1)
+        if default_ensemble_size is not None:
+            self.default_ensemble_size = self.resolve_ensemble_size(default_ensemble_size)
         architecture = _config_digest(self.unet.config, self.vae.config)
         self._identity = f"{identity}/{FEATURE_VERSION}/arch={architecture}"
         if self.autocast_dtype is not None:
@@ -520,6 +594,12 @@ class StableDiffusionBackbone(Backbone):
 
     def identity(self) -> str:
         return self._identity
+
+    def estimate_memory(self, input_size: tuple[int, int], layers: list[LayerKey]) -> MemoryEstimate:
+        parameters = sum(
+            p.numel() for module in (self.unet, self.vae, self.text_encoder) for p in module.parameters()
+        )
+        return sd_memory_estimate(self.unet.config, self.vae.config, input_size, parameters)
 
     def empty_prompt_embedding(self) -> torch.Tensor:
         """(1, L, D) text-encoder output for "" padded to the tokenizer's max length; computed once."""
@@ -670,6 +750,7 @@ def _static_description(
         "name": name,
         "default_timestep": StableDiffusionBackbone.default_timestep,
         "default_layer": default_sd_layer(unet_config),
+        "default_ensemble_size": StableDiffusionBackbone.default_ensemble_size if name != "sd-tiny" else 1,
         "layers": [{"layer": i.key, "channels": i.channels, "stride": i.stride} for i in table.values()],
         "weights": weights,
     }
@@ -749,9 +830,16 @@ def load_tiny_sd(
     del weights  # nothing to load
     _check_options("sd-tiny", options, (*_COMMON_OPTIONS, "init_seed"))
     init_seed = int(options.pop("init_seed", 0))  # type: ignore[call-overload]
-    components = build_tiny_components(init_seed)
+    components = build_tiny_components(
+        init_seed, block_out_channels=SD_TINY_UNET_CHANNELS, vae_levels=SD_TINY_VAE_LEVELS
+    )
     return StableDiffusionBackbone(
-        components, name="sd-tiny", identity=f"sd-tiny/init_seed={init_seed}", device=device, **options
+        components,
+        name="sd-tiny",
+        identity=f"sd-tiny/init_seed={init_seed}",
+        device=device,
+        default_ensemble_size=1,  # a smoke model: one noise draw keeps it quick
+        **options,
     )
 
 
@@ -759,5 +847,8 @@ load_any_sd.describe_static = lambda: _static_description(  # type: ignore[attr-
     "sd", SD_UNET_LAYOUT, SD_VAE_SCALE, "option model=<hub repo id or folder>, or weights=<folder>"
 )
 load_tiny_sd.describe_static = lambda: _static_description(  # type: ignore[attr-defined]
-    "sd-tiny", tiny_unet_config(), vae_downsampling(tiny_vae_config()), "none (random, built in memory)"
+    "sd-tiny",
+    tiny_unet_config(SD_TINY_UNET_CHANNELS),
+    vae_downsampling(tiny_vae_config(SD_TINY_VAE_LEVELS)),
+    "none (random, built in memory)",
 )

@@ -39,6 +39,14 @@ def weights_status(
     return _described_status(name, weights)
 
 
+def weights_summary(name: str) -> str:
+    """A short "yes (where)" / "no (where)" / "none needed" for `backbones list` and `reproduce --list`."""
+    status = weights_status(name)
+    if status.location.startswith(("none", "not checked")):
+        return status.location
+    return f"yes ({status.location})" if status.present else f"no ({status.location})"
+
+
 def _adm_status(name: str, weights: str | None, options: Mapping[str, object]) -> WeightsStatus:
     from backbones.adm import OFFICIAL_FILENAME, OFFICIAL_URL, WEIGHTS_DIR_ENV, weights_dir
 

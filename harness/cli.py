@@ -109,18 +109,9 @@ def _write_run_overlays(result: Any, count: int) -> None:
         print(f"overlay: {path}")
 
 
-def _weights_here(name: str) -> str:
-    """Whether this machine has the backbone's weights where it looks for them (no download, no load)."""
-    from backbones.status import weights_status
-
-    status = weights_status(name)
-    if status.location.startswith(("none", "not checked")):
-        return status.location
-    return f"yes ({status.location})" if status.present else f"no ({status.location})"
-
-
 def cmd_backbones_list(args: argparse.Namespace) -> int:
     from backbones import available_backbones, describe_backbone
+    from backbones.status import weights_summary
 
     if args.layers:
         info = describe_backbone(args.layers)
@@ -131,16 +122,16 @@ def cmd_backbones_list(args: argparse.Namespace) -> int:
         for layer in info["layers"]:
             print(f"{layer['layer']!s:>8}  {layer['channels']:>8}  {layer['stride']:>6}")
         return 0
-    rows = [("name", "default t", "default layer", "weights here")]
+    rows = [("name", "default t", "default layer", "ensemble", "weights here")]
     for name in available_backbones():
         info = describe_backbone(name)
-        rows.append(
-            (name, str(info["default_timestep"]), str(info["default_layer"]), _weights_here(name))
-        )
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+        ensemble = str(info.get("default_ensemble_size", 1))
+        default_t, default_layer = str(info["default_timestep"]), str(info["default_layer"])
+        rows.append((name, default_t, default_layer, ensemble, weights_summary(name)))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
         print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+            "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
         )
     print("layers of one backbone: harness backbones list --layers NAME")
     return 0
@@ -187,6 +178,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from harness.reproduce import main_from_args
+
+    return main_from_args(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -270,6 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard.add_argument("--experiment", default="diffvos")
     leaderboard.add_argument("--out", default="results/leaderboards", help="folder (ignored by git)")
     leaderboard.set_defaults(func=cmd_leaderboard)
+
+    reproduce = sub.add_parser(
+        "reproduce", help="run a published system with its released settings; compare J&F with the paper"
+    )
+    reproduce.add_argument("system", nargs="?", help="e.g. paper-adm, dift-sd21 (see --list)")
+    reproduce.add_argument("--list", action="store_true", help="the systems, published J&F, weights needed")
+    reproduce.add_argument("--dry-run", action="store_true", help="print the resolved configuration only")
+    reproduce.add_argument("--dataset", help="DAVIS-2017 root (default data/DAVIS)")
+    reproduce.add_argument("--output", help="output folder (default runs/reproduce/<system>)")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument(
+        "--no-track", action="store_true", help="do not log the run to MLflow (study 'reproduce')"
+    )
+    reproduce.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    reproduce.add_argument("--experiment", default="diffvos", help="the MLflow experiment")
+    reproduce.set_defaults(func=cmd_reproduce)
 
     bench = sub.add_parser("bench", help="benchmarks (see results/benchmarks/README.md)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

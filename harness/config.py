@@ -38,7 +38,8 @@ class BackboneConfig:
     layer: int | str | None = None
     #: more layers to extract in the same forward pass and cache (a layer sweep lists all its layers)
     prefetch_layers: list[int | str] | None = None
-    ensemble_size: int = 1
+    #: noise draws averaged per frame; None = the backbone's published default (ADM and SD: 8)
+    ensemble_size: int | None = None
     seed: int = 0
     batch_size: int = 8
     device: str | None = None
@@ -46,12 +47,16 @@ class BackboneConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.ensemble_size < 1:
+        if self.ensemble_size is not None and self.ensemble_size < 1:
             raise ConfigError(f"backbone.ensemble_size must be >= 1, got {self.ensemble_size}")
         if self.batch_size < 1:
             raise ConfigError(f"backbone.batch_size must be >= 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"backbone.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+#: the largest accepted input.short_side: 4K frames (2160 rows); 100000 once ran a machine out of memory
+MAX_SHORT_SIDE = 2160
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,11 @@ class InputConfig:
     def __post_init__(self) -> None:
         if self.short_side < 8:
             raise ConfigError(f"input.short_side must be >= 8, got {self.short_side}")
+        if self.short_side > MAX_SHORT_SIDE:
+            raise ConfigError(
+                f"input.short_side {self.short_side} is above the largest supported {MAX_SHORT_SIDE} "
+                "(the paper uses 480)"
+            )
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ from harness.features import (
     default_cache_dir,
     default_max_bytes,
     extract_sequence_features,
-    frame_identity,
 )
 from harness.files import mkdtemp_shared
-from harness.frames import load_network_inputs, network_input_size
+from harness.frames import frame_cache_id, load_network_inputs, network_input_size
+from harness.memory_check import check_run_memory
 from harness.methods import SequenceContext, get_method
 from harness.methods.base import METHOD_ARTIFACTS, aggregate_sequence_metrics
 
@@ -216,22 +216,24 @@ def predict_sequence(
     """Write the predicted masks of one sequence into ``out_dir`` with the configured method; returns
     timings in seconds. The method's diagnostics are added to ``metrics`` when a dict is passed."""
     width, height = sequence.frame_size()
-    input_size = network_input_size(width, height, config.input.short_side, backbone.size_multiple)
+    input_size = network_input_size(
+        width, height, config.input.short_side, backbone.size_multiple, layout=layout
+    )
     spec = config.backbone
     method = get_method(config.method.name)
 
     started = time.perf_counter()
-    frame_ids = [frame_identity(path) for path in sequence.frames]
+    frame_ids = [frame_cache_id(path, layout) for path in sequence.frames]
     device = backbone.device if backbone.device.type != "meta" else torch.device("cpu")
 
     def load_frames(indices: list[int]) -> torch.Tensor:
-        return load_network_inputs([sequence.frames[i] for i in indices], input_size)
+        return load_network_inputs([sequence.frames[i] for i in indices], input_size, layout)
 
     def extract(
         *,
         layer: LayerKey = layer,
         timestep: int = timestep,
-        ensemble_size: int = spec.ensemble_size,
+        ensemble_size: int | None = spec.ensemble_size,
         condition: dict | None = None,
         prefetch: list[int | str] | None = None,
     ) -> Callable[[int], torch.Tensor]:
@@ -256,7 +258,7 @@ def predict_sequence(
             layers=_layers_to_extract(
                 backbone, resolved, prefetch, num_frames=len(sequence.frames), input_size=input_size
             ),
-            ensemble_size=ensemble_size,
+            ensemble_size=backbone.resolve_ensemble_size(ensemble_size),
             seed=spec.seed,
             batch_size=spec.batch_size,
             dtype=spec.dtype,
@@ -491,6 +493,7 @@ def _run_staged(
     layer = backbone.resolve_layer(
         config.backbone.layer if config.backbone.layer is not None else backbone.default_layer
     )
+    check_run_memory(config, dataset, backbone, layer)
     loaded = time.perf_counter()
 
     staged_predictions = staging / "predictions"
@@ -551,7 +554,12 @@ def _run_staged(
     if metrics is not None:
         metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
     resolved = config.to_dict() | {
-        "resolved": {"timestep": timestep, "layer": layer, "backbone": backbone.identity()}
+        "resolved": {
+            "timestep": timestep,
+            "layer": layer,
+            "ensemble_size": backbone.resolve_ensemble_size(config.backbone.ensemble_size),
+            "backbone": backbone.identity(),
+        }
     }
     (staging / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     _commit_outputs(staging, output_dir)

@@ -56,7 +56,7 @@ OFFICIAL_SPOT_SHAPES = {
     "output_blocks.17.0.skip_connection.weight": (256, 512, 1, 1),
     "out.2.weight": (6, 256, 3, 3),
 }
-SIZE = 16  # tiny-model test frames are SIZE x SIZE (a multiple of the tiny size_multiple 4)
+SIZE = 64  # tiny-model test frames are SIZE x SIZE (a multiple of the tiny size_multiple 32)
 
 
 def _meta_net(config: ADMConfig) -> ADMUNet:
@@ -135,9 +135,9 @@ def test_tiny_features_have_the_advertised_shapes(tiny: ADMBackbone, frames: tor
 
 
 def test_non_square_input_works(tiny: ADMBackbone) -> None:
-    x = torch.zeros((1, 3, 16, 40))
+    x = torch.zeros((1, 3, 32, 96))
     out = tiny.net(x, 5)
-    assert out.shape == (1, 6, 16, 40)
+    assert out.shape == (1, 6, 32, 96)
 
 
 def test_timestep_embedding_by_hand() -> None:
@@ -195,7 +195,7 @@ def test_bad_config_and_bad_input_size_raise() -> None:
     with pytest.raises(ConfigError, match="groups"):
         ADMConfig(preset="odd", model_channels=48)
     net = ADMUNet(ADM_TINY)
-    with pytest.raises(ConfigError, match="multiple of 4"):
+    with pytest.raises(ConfigError, match="multiple of 32"):
         net(torch.zeros((1, 3, 30, 32)), 1)
 
 
@@ -242,8 +242,8 @@ def test_decoder_features_stop_at_the_deepest_requested_layer(
 
 
 def test_decoder_features_rejects_unknown_layers(tiny: ADMBackbone, frames: torch.Tensor) -> None:
-    with pytest.raises(ConfigError, match="0..5"):
-        tiny.net.decoder_features(frames[:1], 1, [6])
+    with pytest.raises(ConfigError, match="0..11"):
+        tiny.net.decoder_features(frames[:1], 1, [12])
 
 
 @pytest.mark.slow
@@ -264,8 +264,14 @@ def test_full_forward_matches_diffusers_unet2d() -> None:
         out_channels=config.out_channels,
         block_out_channels=tuple(m * config.model_channels for m in config.channel_mult),
         layers_per_block=config.num_res_blocks,
-        down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"),
-        up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        down_block_types=tuple(
+            "AttnDownBlock2D" if 2**level in config.attention_rates else "ResnetDownsampleBlock2D"
+            for level in range(len(config.channel_mult))
+        ),
+        up_block_types=tuple(
+            "AttnUpBlock2D" if 2**level in config.attention_rates else "ResnetUpsampleBlock2D"
+            for level in reversed(range(len(config.channel_mult)))
+        ),
         downsample_type="resnet",
         upsample_type="resnet",
         attention_head_dim=config.num_head_channels,
@@ -495,7 +501,8 @@ def test_extract_is_seeded(tiny: ADMBackbone, frames: torch.Tensor) -> None:
     other_seed = _extract(tiny, frames[:1], seed=1)[2]
     other_frame = _extract(tiny, frames[:1], frame_indices=[5])[2]
     assert first.dtype == torch.float32 and first.device.type == "cpu"
-    assert first.shape == (1, 64, SIZE // 2, SIZE // 2)
+    channels, stride = tiny.layers()[2].channels, tiny.layers()[2].stride
+    assert first.shape == (1, channels, SIZE // stride, SIZE // stride)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other_seed, atol=1e-4)
     assert not torch.allclose(first, other_frame, atol=1e-4)
@@ -532,10 +539,10 @@ def test_extract_validates_its_arguments(tiny: ADMBackbone, frames: torch.Tensor
     for bad_timestep in (-1, 1000, 2.5, True):
         with pytest.raises(ConfigError):
             _extract(tiny, frames[:1], timestep=bad_timestep)
-    for bad_layer in (6, "decoder", -1):
+    for bad_layer in (12, "decoder", -1):
         with pytest.raises(ConfigError, match="layer"):
             _extract(tiny, frames[:1], layers=[bad_layer])
-    with pytest.raises(ConfigError, match="multiple of 4"):
+    with pytest.raises(ConfigError, match="multiple of 32"):
         _extract(tiny, torch.zeros((1, 3, SIZE, SIZE - 2)))
     with pytest.raises(ConfigError, match="frame indices"):
         _extract(tiny, frames[:2], frame_indices=[0])
@@ -556,3 +563,23 @@ def test_bf16_autocast_is_close_to_fp32(tiny: ADMBackbone, frames: torch.Tensor)
     full = _extract(tiny, frames[:1], ensemble_size=1)[2].flatten()
     assert low.dtype == torch.float32
     assert F.cosine_similarity(low, full, dim=0) > 0.99
+
+
+# -- published defaults ---------------------------------------------------------------------------
+
+
+def test_official_adm_declares_the_papers_setting_without_loading_weights(tmp_path: Path) -> None:
+    backbone = load_backbone("adm", device="cpu", weights_dir=str(tmp_path))
+    # diff-zvos docs/EVALUATION.md:36 (t 30, layer 6) and src/config/eval.yaml:12 (8 noise draws)
+    assert (backbone.default_timestep, backbone.default_layer, backbone.default_ensemble_size) == (30, 6, 8)
+    assert backbone.resolve_ensemble_size(None) == 8
+    assert backbone.resolve_ensemble_size(3) == 3
+    assert backbone.describe()["default_ensemble_size"] == 8
+    with pytest.raises(ConfigError, match="positive integer"):
+        backbone.resolve_ensemble_size(0)
+    assert not (tmp_path / adm.OFFICIAL_FILENAME).exists()  # nothing was downloaded or read
+
+
+def test_tiny_adm_defaults_to_one_draw_and_the_option_overrides_it() -> None:
+    assert load_backbone("adm-tiny", device="cpu").default_ensemble_size == 1
+    assert load_backbone("adm-tiny", device="cpu", default_ensemble_size=2).resolve_ensemble_size(None) == 2

@@ -95,8 +95,8 @@ def test_method_section_is_flat_in_dicts_and_round_trips() -> None:
         ((1152, 480), 480, 32, (480, 1152)),
         ((480, 854), 480, 32, (832, 480)),  # portrait
         ((160, 96), 96, 8, (96, 160)),
-        ((144, 88), 96, 8, (96, 152)),  # 144 * 96/88 = 157.09 -> 152
-        ((854, 480), 480, 64, (448, 832)),  # SD: both sides floored to 64
+        ((144, 88), 96, 8, (96, 128)),  # 144 * 96/88 = 157.09 -> the released floor to 32: 128
+        ((854, 480), 480, 64, (448, 768)),  # a multiple-64 backbone: 448 short, 448 * 854/480 = 797 -> 768
     ],
 )
 def test_network_input_size(

@@ -111,7 +111,7 @@ def test_layer_table_of_the_tiny_model(tiny: sd.StableDiffusionBackbone) -> None
     assert list(table) == list(TINY_LAYERS)
     assert {key: (info.channels, info.stride) for key, info in table.items()} == TINY_LAYERS
     assert tiny.default_layer == 2  # first ResNet of the finest up block, like SD's 9
-    assert tiny.size_multiple == 4
+    assert tiny.size_multiple == 2  # the VAE's; the UNet takes any latent size
     assert tiny.num_train_timesteps == 1000
     assert tiny.default_timestep == 100
 
@@ -139,7 +139,7 @@ def test_layer_table_generalises_to_other_layouts() -> None:
     table = backbone.layers()
     assert {key: (info.channels, info.stride) for key, info in table.items()} == expected
     assert [len(block.resnets) for block in backbone.unet.up_blocks] == [3, 2, 2]
-    assert backbone.default_layer == 5 and backbone.size_multiple == 16
+    assert backbone.default_layer == 5 and backbone.size_multiple == 4
     features = run(backbone, frames(1, 32, 32), layers=list(table), ensemble_size=1)
     for key, (channels, stride) in expected.items():
         assert tuple(features[key].shape) == (1, channels, 32 // stride, 32 // stride), key
@@ -345,8 +345,8 @@ def test_string_layer_names_resolve(tiny: sd.StableDiffusionBackbone) -> None:
 def test_bad_batches_and_options_are_config_errors(
     tiny: sd.StableDiffusionBackbone, tiny_folder: Path
 ) -> None:
-    with pytest.raises(ConfigError, match="multiple of 4"):
-        run(tiny, frames(1, 18, 16))
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        run(tiny, frames(1, 17, 16))
     with pytest.raises(ConfigError, match="ensemble size"):
         run(tiny, frames(1), ensemble_size=0)
     with pytest.raises(ConfigError, match="frame indices"):
@@ -480,3 +480,71 @@ def test_sd_tiny_is_built_in_memory_and_reproducible() -> None:
     info = first.layers()[layer]
     assert a.shape == (1, info.channels, 16 // info.stride, 24 // info.stride)
     assert torch.equal(a, b)
+
+
+def test_published_defaults_t100_layer9_ensemble8() -> None:
+    # diff-zvos src/config/eval.yaml:11 (t 100), :12 (ensemble 8), :18 (layer 9); documented for SD 2.1
+    for name in ("sd2.1", "sd1.5", "sd"):
+        static = backbones.describe_backbone(name)
+        assert (static["default_timestep"], static["default_layer"], static["default_ensemble_size"]) == (
+            100,
+            9,
+            8,
+        )
+    tiny = load_backbone("sd-tiny", device="cpu")
+    assert tiny.default_ensemble_size == 1 == backbones.describe_backbone("sd-tiny")["default_ensemble_size"]
+    assert tiny.resolve_ensemble_size(None) == 1 and tiny.resolve_ensemble_size(4) == 4
+
+
+def test_sd_tiny_features_at_480x832_equal_diffusers_called_directly() -> None:
+    """The released input size (854x480 -> 832x480, a 60x104 latent that is not a multiple of the UNet's
+    downsampling) runs, and every layer equals the UNet run whole with the released hook order
+    (diff-zvos src/model/sd_feature_extractor.py:10-18: up-block ResNet outputs in call order)."""
+    from harness.frames import network_input_size
+
+    backbone = load_backbone("sd-tiny", device="cpu")
+    assert isinstance(backbone, sd.StableDiffusionBackbone)
+    height, width = network_input_size(854, 480, 480, backbone.size_multiple)
+    assert (height, width) == (480, 832)
+    latent = (height // backbone.vae_scale, width // backbone.vae_scale)
+    assert latent == (60, 104)
+    x_t = torch.randn((1, 4, *latent), generator=torch.Generator().manual_seed(5))
+    ours = backbone.unet_features(x_t, 100, list(backbone.layers()))
+
+    resnet_outputs: list[torch.Tensor] = []
+    block_outputs: dict[str, torch.Tensor] = {}
+    unet = backbone.unet
+    handles = [
+        resnet.register_forward_hook(lambda _m, _i, out: resnet_outputs.append(out))
+        for block in unet.up_blocks
+        for resnet in block.resnets
+    ]
+    handles += [
+        block.register_forward_hook(lambda _m, _i, out, key=f"up_ft{i}": block_outputs.__setitem__(key, out))
+        for i, block in enumerate(unet.up_blocks)
+    ]
+    try:
+        with torch.no_grad():
+            sample = unet(
+                x_t, torch.tensor([100]), encoder_hidden_states=backbone.empty_prompt_embedding()
+            ).sample
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert sample.shape == x_t.shape  # the whole UNet ran at the odd latent size
+    reference: dict[object, torch.Tensor] = dict(enumerate(resnet_outputs)) | block_outputs
+    assert set(reference) == set(ours)
+    for key, expected in reference.items():
+        torch.testing.assert_close(ours[key], expected, rtol=0, atol=1e-6, msg=f"layer {key}")
+    info = backbone.layers()[backbone.default_layer]
+    assert ours[backbone.default_layer].shape == (1, info.channels, 60, 104)  # not 56x104 as at 448x832
+    extracted = backbone.extract(
+        torch.zeros((1, 3, height, width)),
+        timestep=100,
+        layers=[backbone.default_layer],
+        ensemble_size=1,
+        seed=0,
+        sequence="s",
+        frame_indices=[0],
+    )[backbone.default_layer]
+    assert extracted.shape == (1, info.channels, 60, 104)

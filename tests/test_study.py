@@ -441,6 +441,7 @@ def test_suggest_honours_every_distribution() -> None:
 def test_model_study_fixes_settings_per_model() -> None:
     spec = load_study_spec(STUDIES / "model.yaml")
     assert spec.trial_overrides({"backbone.name": "adm"}) == {
+        "backbone.ensemble_size": 8,
         "backbone.timestep": 30,
         "backbone.layer": 6,
         "backbone.name": "adm",
@@ -685,9 +686,14 @@ def test_clearly_worse_trial_is_pruned(tmp_path: Path, synth_study: Any) -> None
 def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path) -> None:
     """The paper study's trials are exactly the published settings (checked without running models)."""
     spec = load_study_spec(STUDIES / "paper.yaml")
+    paper = {
+        "method.temperature": 0.2,
+        "method.topk": 15,
+        "backbone.ensemble_size": 8,
+    }  # and method.memory_caps null: "do not override", the default (no caps)
     expected = [
-        {"backbone.name": "adm", "backbone.timestep": 30, "backbone.layer": 6},
-        {"backbone.name": "sd2.1", "backbone.timestep": 100, "backbone.layer": 9},
+        {"backbone.name": "adm", "backbone.timestep": 30, "backbone.layer": 6} | paper,
+        {"backbone.name": "sd2.1", "backbone.timestep": 100, "backbone.layer": 9} | paper,
         {
             "backbone.name": "adm",
             "backbone.timestep": 51,
@@ -695,6 +701,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "method.temperature": 0.1,
             "method.topk": 10,
             "backbone.ensemble_size": 4,
+            "method.memory_caps": "shooting=10",
         },
         {
             "backbone.name": "sd2.1",
@@ -703,6 +710,7 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "method.temperature": 0.2,
             "method.topk": 15,
             "backbone.ensemble_size": 8,
+            "method.memory_caps": "shooting=10",
         },
         {
             "backbone.name": "sd2.1",
@@ -718,11 +726,18 @@ def test_paper_settings_are_enqueued_unchanged(tmp_path: Path, synth_root: Path)
             "backbone.name": "sd2.1",
             "backbone.timestep": 100,
             "backbone.layer": 9,
+            "method.temperature": 0.2,
+            "method.topk": 15,
             "backbone.ensemble_size": 4,
             "method.name": "prompt-learning",
         },
     ]
-    shared = {"method.n_last_frames": 28, "method.radius": 15}
+    shared = {
+        "method.n_last_frames": 28,
+        "method.radius": 15,
+        "method.similarity": "cosine",
+        "input.short_side": 480,
+    }
     assert spec.target_trials() == 6
     assert [spec.trial_overrides(entry) for entry in spec.enqueue] == [shared | e for e in expected]
 

@@ -33,8 +33,8 @@ from harness.bench.common import BenchOptions, format_table, synchronize
 from harness.config import BackboneConfig, CacheConfig, DatasetConfig, InputConfig, MethodConfig, RunConfig
 from harness.data import open_dataset
 from harness.data.synth import SynthSpec, make_synthetic_dataset
-from harness.features import FeatureCache, extract_sequence_features, frame_identity
-from harness.frames import load_network_inputs, network_input_size
+from harness.features import FeatureCache, extract_sequence_features
+from harness.frames import frame_cache_id, load_network_inputs, network_input_size
 from harness.methods.labelprop import PropagationSettings
 from harness.pipeline import RunResult
 from harness.pipeline import run as run_pipeline
@@ -82,7 +82,7 @@ def settings_for(options: BenchOptions) -> tuple[SweepSettings, list[str]]:
             short_side=32,
             ensemble_size=1,
             batch_size=4,
-            layer=0,
+            layer=6,
             trials=2,
             uncached_runs=1,
             layer_sweep_sequences=1,
@@ -98,7 +98,7 @@ def settings_for(options: BenchOptions) -> tuple[SweepSettings, list[str]]:
             short_side=64,
             ensemble_size=4,
             batch_size=2,
-            layer=0,
+            layer=6,
             trials=20,
             uncached_runs=2,
             layer_sweep_sequences=1,
@@ -117,7 +117,7 @@ def settings_for(options: BenchOptions) -> tuple[SweepSettings, list[str]]:
         short_side=96,
         ensemble_size=8,
         batch_size=2,
-        layer=0,
+        layer=6,
         trials=20,
         uncached_runs=20,
         layer_sweep_sequences=4,
@@ -237,7 +237,7 @@ def fill_cache_all_layers(arm: _Arm, backbone: Backbone, layers: list[int], cach
         extract_sequence_features(
             backbone,
             sequence=sequence.name,
-            frame_ids=[frame_identity(path) for path in paths],
+            frame_ids=[frame_cache_id(path) for path in paths],
             load_frames=load,
             input_size=input_size,
             timestep=TIMESTEP,

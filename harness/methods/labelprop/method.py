@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -23,6 +24,8 @@ class LabelPropagation:
     def segment_sequence(
         self, ctx: SequenceContext, settings: PropagationSettings
     ) -> Iterator[tuple[int, np.ndarray]]:
+        if settings.memory_caps is not None:  # per-sequence memory lengths (DIFT's "shooting")
+            settings = dataclasses.replace(settings, n_last_frames=settings.n_last_frames_for(ctx.name))
         if settings.per_object:
             yield from segment_per_object(ctx, settings, lambda _: ctx.features, same_features=True)
             return
@@ -40,6 +43,7 @@ class LabelPropagation:
             workspace=workspace,
             ground_truth=ctx.ground_truth,
             diagnostics=diagnostics,
+            layout=ctx.layout,
         )
         _report(ctx, settings, workspace, diagnostics)
 

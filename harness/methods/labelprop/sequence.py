@@ -50,6 +50,9 @@ class PropagationSettings:
     per_object: bool = False
     #: correspondence diagnostics (corr_precision, corr_fg_to_bg, corr_bg_to_fg) where ground truth exists
     diagnostics: bool = True
+    #: per-sequence caps on n_last_frames, "name=N[,name=N...]" (a string, so a study can choose it):
+    #: DIFT caps "shooting" at 10 (github Tsingularity/dift eval_davis.py:300-304)
+    memory_caps: str | None = None
 
     def __post_init__(self) -> None:
         check_propagation_params(self.similarity, self.temperature, self.topk, self.radius)
@@ -61,6 +64,24 @@ class PropagationSettings:
         for name in ("per_object", "diagnostics"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.caps()  # a malformed memory_caps fails when the config is read
+
+    def caps(self) -> dict[str, int]:
+        """``memory_caps`` as {sequence: cap}."""
+        if self.memory_caps is None:
+            return {}
+        caps: dict[str, int] = {}
+        for item in str(self.memory_caps).split(","):
+            name, _, value = item.strip().partition("=")
+            if not name or not value.strip().isdigit():
+                raise ConfigError(f"memory_caps must read 'name=N[,name=N]', got {self.memory_caps!r}")
+            caps[name.strip()] = int(value)
+        return caps
+
+    def n_last_frames_for(self, sequence: str) -> int:
+        """The memory length for ``sequence``: n_last_frames, capped where memory_caps names it."""
+        cap = self.caps().get(sequence)
+        return self.n_last_frames if cap is None else min(self.n_last_frames, cap)
 
 
 def _check_size(name: str, size: tuple[int, int]) -> tuple[int, int]:
@@ -96,23 +117,28 @@ def labels_to_onehot(
 
 
 def soft_to_labels(
-    soft: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int]
+    soft: torch.Tensor, input_size: tuple[int, int], output_size: tuple[int, int], layout: str = "davis"
 ) -> np.ndarray:
     """The written mask of a soft output (K+1, h, w): a (H0, W0) uint8 array of channel indices.
 
-    Upsample bilinearly (align_corners=False) to the network input size, min-max normalise every channel
-    whose maximum is above 0 (others are left alone), argmax over channels (first channel wins ties), and
-    resize to the original frame size with nearest neighbour. A constant positive channel has no range: the
+    DAVIS layout: upsample bilinearly (align_corners=False) to the network input size, min-max normalise
+    every channel whose maximum is above 0 (others are left alone), argmax over channels (first channel
+    wins ties), and resize to the original frame size with nearest neighbour (released
+    diff-zvos src/eval_vos.py:98-103). MOSE layout: upsample bilinearly straight to the original frame size,
+    then normalise and argmax there (eval_vos.py:96-97). A constant positive channel has no range: the
     released code divides 0 by 0, and torch's argmax lets NaN win, so such a channel takes every pixel
     (the first one if several). It is set to +inf here to keep that outcome without NaNs.
     """
+    if layout not in ("davis", "mose"):
+        raise ValueError(f"no post-processing rule for dataset layout {layout!r}")
     if soft.dim() != 3 or soft.shape[0] < 1:
         raise ValueError(f"soft output must be (K+1, h, w), got shape {tuple(soft.shape)}")
     if soft.shape[0] > MAX_CLASSES:
         raise ValueError(f"{soft.shape[0]} channels do not fit a uint8 label map (at most {MAX_CLASSES})")
     input_size = _check_size("input_size", input_size)
     output_size = _check_size("output_size", output_size)
-    up = F.interpolate(soft[None].to(torch.float32), size=input_size, mode="bilinear", align_corners=False)[0]
+    target = output_size if layout == "mose" else input_size
+    up = F.interpolate(soft[None].to(torch.float32), size=target, mode="bilinear", align_corners=False)[0]
     flat = up.reshape(up.shape[0], -1)
     low = flat.amin(dim=1, keepdim=True)
     high = flat.amax(dim=1, keepdim=True)
@@ -121,8 +147,8 @@ def soft_to_labels(
     span = shifted.amax(dim=1, keepdim=True)
     normalised = torch.where(span > 0, shifted / torch.where(span > 0, span, 1.0), shifted)
     normalised = torch.where(positive & (span == 0), torch.inf, normalised)
-    labels = normalised.argmax(dim=0).reshape(input_size).to(torch.uint8).cpu().numpy()
-    return resize_labels_nearest(labels, output_size)
+    labels = normalised.argmax(dim=0).reshape(target).to(torch.uint8).cpu().numpy()
+    return labels if target == output_size else resize_labels_nearest(labels, output_size)
 
 
 def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -202,6 +228,7 @@ def propagate_sequence(
     workspace: PropagationWorkspace | None = None,
     ground_truth: Callable[[int], np.ndarray] | None = None,
     diagnostics: CorrespondenceStats | None = None,
+    layout: str = "davis",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (t, labels) for t = 1 .. T-1: the propagated (H0, W0) uint8 channel-index map of frame t.
 
@@ -216,7 +243,8 @@ def propagate_sequence(
     frame t) feeds it, and is required by filters that need ground truth. ``diagnostics``, given with
     ``ground_truth``, collects the correspondence diagnostics (harness.methods.labelprop.diagnostics).
     With ``settings.per_object`` each object is propagated on its own and the results are aggregated
-    (per_object.py; with these shared features all objects share one pass).
+    (per_object.py; with these shared features all objects share one pass). ``layout`` (the dataset's)
+    picks the released post-processing order of :func:`soft_to_labels` (per-object runs keep their own).
     """
     if isinstance(settings, PropagationSettings) and settings.per_object:
         from harness.methods.labelprop.per_object import propagate_per_object
@@ -262,7 +290,7 @@ def propagate_sequence(
         progress=progress,
     )
     return (
-        (t, soft_to_labels(soft.permute(2, 0, 1), track.input_size, track.output_size))
+        (t, soft_to_labels(soft.permute(2, 0, 1), track.input_size, track.output_size, layout))
         for t, soft in soft_frames
     )
 
