@@ -14,8 +14,6 @@ that listing backbones, asking for their layers or describing them costs nothing
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -34,11 +32,16 @@ from backbones.base import (
     frame_generator,
     linear_alphas_cumprod,
 )
-from backbones.errors import ConfigError, HarnessError, WeightsNotFoundError
+from backbones.errors import ConfigError, HarnessError
+from backbones.weights import (
+    ensure_weights_file,
+    file_sha256,
+    read_state_dict,
+    weights_dir,
+)
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
 OFFICIAL_FILENAME = "256x256_diffusion_uncond.pt"
-WEIGHTS_DIR_ENV = "DIFFVOS_WEIGHTS_DIR"
 
 #: presets that have published weights: preset -> (file name, URL)
 _PUBLISHED: dict[str, tuple[str, str]] = {ADM_256_UNCOND.preset: (OFFICIAL_FILENAME, OFFICIAL_URL)}
@@ -55,46 +58,6 @@ PAPER_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 6, "default_ensem
 TINY_ADM_DEFAULTS = {"default_timestep": 30, "default_layer": 4, "default_ensemble_size": 1}
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HASH_CHUNK = 1 << 22
-
-
-def weights_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """Where downloaded checkpoints live: ``override``, else ``$DIFFVOS_WEIGHTS_DIR``, else the user cache."""
-    if override:
-        return Path(override).expanduser()
-    from_env = os.environ.get(WEIGHTS_DIR_ENV)
-    if from_env:
-        return Path(from_env).expanduser()
-    return Path.home() / ".cache" / "diffvos" / "weights"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a (large) file, remembered in a ``<file>.sha256`` sidecar so it is computed once.
-
-    The sidecar records the size and mtime it was computed for; if the file is replaced the hash is
-    computed again. A read-only folder just means the hash is not remembered.
-    """
-    stat = path.stat()
-    sidecar = path.with_name(path.name + ".sha256")
-    try:
-        record = json.loads(sidecar.read_text())
-        if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
-            return str(record["sha256"])
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_HASH_CHUNK):
-            digest.update(chunk)
-    hex_digest = digest.hexdigest()
-    record = {"sha256": hex_digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    temporary = sidecar.with_name(sidecar.name + ".tmp")
-    try:
-        temporary.write_text(json.dumps(record) + "\n")
-        os.replace(temporary, sidecar)
-    except OSError:
-        temporary.unlink(missing_ok=True)
-    return hex_digest
 
 
 def _cells(height: int, width: int, rate: int) -> int:
@@ -155,12 +118,6 @@ def random_state_dict(config: ADMConfig, seed: int) -> dict[str, torch.Tensor]:
                 value = 0.1 * torch.randn(param.shape, generator=generator)
             state[key] = value
     return state
-
-
-def _download(url: str, dest: Path, hint: str) -> None:
-    """Fetch ``url`` to ``dest`` with the harness downloader (resumable, atomic)."""
-    downloader = importlib.import_module("backbones.download")
-    downloader.download_file(url, dest, size=None, sha256=None, progress=True, offline_hint=hint)
 
 
 def _as_bool(name: str, value: object) -> bool:
@@ -246,39 +203,15 @@ class ADMBackbone(Backbone):
 
     def _ensure_weights_file(self) -> Path | None:
         """The checkpoint path, downloading the published file if it is not there yet."""
-        path = self.weights_path
-        if path is None or path.is_file():
-            return path
-        if self.weights_url is None:
-            raise WeightsNotFoundError(f"ADM checkpoint {path} does not exist")
-        hint = (
-            f"Download {self.weights_url} on a machine with network access and put it at {path} "
-            f"(or pass its location as the weights, or set ${WEIGHTS_DIR_ENV} to its folder)."
-        )
-        try:
-            _download(self.weights_url, path, hint)
-        except (HarnessError, ImportError, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise WeightsNotFoundError(
-                f"ADM weights are not at {path} and the download failed ({reason}). {hint}"
-            ) from error
-        if not path.is_file():
-            raise WeightsNotFoundError(f"downloading {self.weights_url} did not produce {path}. {hint}")
-        return path
+        if self.weights_path is None:
+            return None
+        return ensure_weights_file("ADM", self.weights_path, self.weights_url)
 
     def _read_state_dict(self) -> dict[str, torch.Tensor]:
         path = self._ensure_weights_file()
         if path is None:
             return random_state_dict(self.config, self.init_seed)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for truncated or foreign files
-            raise HarnessError(
-                f"cannot read ADM checkpoint {path}: {error}. If it is a partial download, delete it, retry."
-            ) from error
-        if not isinstance(state, dict):
-            raise HarnessError(f"ADM checkpoint {path} holds a {type(state).__name__}, not a state dict")
-        return state
+        return read_state_dict("ADM", path)
 
     def _check_state_dict(self, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
         """Fail with one readable message when the checkpoint does not fit the architecture."""

@@ -17,7 +17,6 @@ deterministic: there is no noise, so the only time step is 0 and the only ensemb
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +25,8 @@ from pathlib import Path
 import torch
 
 from backbones import register
-from backbones.adm import file_sha256, weights_dir
 from backbones.base import Backbone, LayerInfo, LayerKey
-from backbones.errors import ConfigError, HarnessError, WeightsNotFoundError
+from backbones.errors import ConfigError, HarnessError
 from backbones.vit import (
     VIT_B8,
     VIT_B8_TINY,
@@ -42,8 +40,8 @@ from backbones.vit import (
     build_network,
     random_state_dict,
 )
+from backbones.weights import ensure_weights_file, file_sha256, read_state_dict, weights_dir
 
-WEIGHTS_DIR_ENV = "DIFFVOS_WEIGHTS_DIR"
 _RELEASE = "https://dl.fbaipublicfiles.com/dino"
 
 #: DINO's frame normalisation, eval_video_segmentation.py:244 (note std 0.228 for red, where the usual
@@ -84,12 +82,6 @@ PUBLISHED_WEIGHTS: dict[str, DinoWeights] = {
         f"{_RELEASE}/dino_xcit_small_12_p8_pretrain/dino_xcit_small_12_p8_pretrain.pth",
     ),
 }
-
-
-def _download(url: str, dest: Path, hint: str) -> None:
-    """Fetch ``url`` to ``dest`` with the harness downloader (resumable, atomic)."""
-    downloader = importlib.import_module("backbones.download")
-    downloader.download_file(url, dest, size=None, sha256=None, progress=True, offline_hint=hint)
 
 
 def state_dict_problems(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
@@ -169,40 +161,15 @@ class DinoBackbone(Backbone):
 
     def _ensure_weights_file(self) -> Path | None:
         """The checkpoint path, downloading the published file if it is not there yet."""
-        path = self.weights_path
-        if path is None or path.is_file():
-            return path
-        if self.weights_url is None:
-            raise WeightsNotFoundError(f"{self.name} checkpoint {path} does not exist")
-        hint = (
-            f"Download {self.weights_url} on a machine with network access and put it at {path} "
-            f"(or pass its location as the weights, or set ${WEIGHTS_DIR_ENV} to its folder)."
-        )
-        try:
-            _download(self.weights_url, path, hint)
-        except (HarnessError, ImportError, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise WeightsNotFoundError(
-                f"{self.name} weights are not at {path} and the download failed ({reason}). {hint}"
-            ) from error
-        if not path.is_file():
-            raise WeightsNotFoundError(f"downloading {self.weights_url} did not produce {path}. {hint}")
-        return path
+        if self.weights_path is None:
+            return None
+        return ensure_weights_file(self.name, self.weights_path, self.weights_url)
 
     def _read_state_dict(self) -> dict[str, torch.Tensor]:
         path = self._ensure_weights_file()
         if path is None:
             return random_state_dict(self.config, self.init_seed)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for truncated or foreign files
-            raise HarnessError(
-                f"cannot read {self.name} checkpoint {path}: {error}. "
-                "If it is a partial download, delete it and retry."
-            ) from error
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise HarnessError(f"{self.name} checkpoint {path} is not a state dict of tensors")
-        return state
+        return read_state_dict(self.name, path)
 
     def load(self) -> DinoBackbone:
         """Build the network and read its weights now (otherwise this happens on first use)."""

@@ -48,7 +48,8 @@ def weights_summary(name: str) -> str:
 
 
 def _adm_status(name: str, weights: str | None, options: Mapping[str, object]) -> WeightsStatus:
-    from backbones.adm import OFFICIAL_FILENAME, OFFICIAL_URL, WEIGHTS_DIR_ENV, weights_dir
+    from backbones.adm import OFFICIAL_FILENAME, OFFICIAL_URL
+    from backbones.weights import WEIGHTS_DIR_ENV, weights_dir
 
     if weights:
         path = Path(weights).expanduser()

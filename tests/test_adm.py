@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import backbones.adm as adm
 import backbones.download
 from backbones import load_backbone
-from backbones.adm import ADMBackbone, file_sha256, random_state_dict, weights_dir
+from backbones.adm import ADMBackbone, random_state_dict
 from backbones.adm_unet import (
     ADM_256_UNCOND,
     ADM_TINY,
@@ -31,6 +31,7 @@ from backbones.adm_unet import (
     timestep_embedding,
 )
 from backbones.base import frame_generator
+from backbones.weights import WEIGHTS_DIR_ENV, file_sha256, weights_dir
 from harness.errors import ConfigError, HarnessError, WeightsNotFoundError
 
 # Decoder layers of the official model (reference README): layer -> (channels, stride)
@@ -110,7 +111,7 @@ def test_official_architecture_spot_checks() -> None:
 
 
 def test_official_layer_table_matches_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(adm.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))
     backbone = load_backbone("adm", device="meta")  # no weights needed to describe the layers
     table = {key: (info.channels, info.stride) for key, info in backbone.layers().items()}
     assert table == OFFICIAL_LAYERS
@@ -419,7 +420,7 @@ def test_offline_lookup_raises_one_clear_error(tmp_path: Path, monkeypatch: pyte
         raise HarnessError(f"cannot download {url}: network is unreachable")
 
     monkeypatch.setattr(backbones.download, "download_file", offline)
-    monkeypatch.setenv(adm.WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
     backbone = load_backbone("adm", device="cpu")  # building is cheap: nothing is read yet
     expected_path = tmp_path / "weights" / adm.OFFICIAL_FILENAME
     with pytest.raises(WeightsNotFoundError) as info:
@@ -433,10 +434,10 @@ def test_offline_lookup_raises_one_clear_error(tmp_path: Path, monkeypatch: pyte
 
 
 def test_weights_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(adm.WEIGHTS_DIR_ENV, raising=False)
+    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert weights_dir() == tmp_path / "home" / ".cache" / "diffvos" / "weights"
-    monkeypatch.setenv(adm.WEIGHTS_DIR_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "env"))
     assert weights_dir() == tmp_path / "env"
     assert weights_dir(tmp_path / "cli") == tmp_path / "cli"
     backbone = load_backbone("adm", device="meta", weights_dir=str(tmp_path / "cli"))

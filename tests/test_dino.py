@@ -30,6 +30,7 @@ from backbones.vit import (
     XCiTConfig,
     build_network,
 )
+from backbones.weights import WEIGHTS_DIR_ENV, file_sha256
 from harness.config import RunConfig
 from harness.errors import ConfigError, HarnessError, WeightsNotFoundError
 from harness.frames import network_input_size
@@ -174,7 +175,7 @@ def test_official_layout_file_loads_strictly_and_is_used(
     loaded = backbone.net.state_dict()
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[key].cpu(), state[key].to(loaded[key].dtype)) for key in state)
-    assert f"sha256={dino.file_sha256(path)}" in backbone.identity()
+    assert f"sha256={file_sha256(path)}" in backbone.identity()
 
 
 @pytest.mark.parametrize("config", [VIT_S8_TINY, XCIT_S12_P8_TINY], ids=["vit", "xcit"])
@@ -394,14 +395,14 @@ def test_offline_lookup_raises_one_clear_error(tmp_path: Path, monkeypatch: pyte
         raise HarnessError(f"cannot download {url}: network is unreachable")
 
     monkeypatch.setattr(backbones.download, "download_file", offline)
-    monkeypatch.setenv(dino.WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "weights"))
     backbone = load_backbone("dino-vitb8", device="cpu")
     url = "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
     expected_path = tmp_path / "weights" / "dino_vitbase8_pretrain.pth"
     with pytest.raises(WeightsNotFoundError) as info:
         backbone.load()  # type: ignore[attr-defined]
     message = str(info.value)
-    assert str(expected_path) in message and url in message and dino.WEIGHTS_DIR_ENV in message
+    assert str(expected_path) in message and url in message and WEIGHTS_DIR_ENV in message
     assert calls == [(url, expected_path)]
 
 
@@ -504,7 +505,7 @@ def test_cli_lists_the_dino_backbones_without_weights(
 ) -> None:
     from harness.cli import main
 
-    monkeypatch.setenv(dino.WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
+    monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path / "empty"))
     assert main(["backbones", "list"]) == 0
     listing = capsys.readouterr().out
     row = next(line for line in listing.splitlines() if line.startswith("dino-xcits8 "))

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _IMPORT_BACKBONES = """
 import sys
 import backbones, backbones.base, backbones.adm, backbones.adm_unet, backbones.randomconv, backbones.download
-import backbones.sd, backbones.sd_prompt, backbones.dino, backbones.vit
+import backbones.sd, backbones.sd_prompt, backbones.dino, backbones.vit, backbones.weights, backbones.status
 leaked = sorted(name for name in sys.modules if name == "harness" or name.startswith("harness."))
 print(",".join(leaked))
 """

@@ -145,12 +145,12 @@ def test_tiny_diffusion_presets_run_end_to_end(synth_root: Path, tmp_path: Path,
 def test_adm_offline_without_weights_fails_with_where_to_put_them(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import backbones.adm
+    import backbones.download
 
-    def offline(url: str, dest: Path, hint: str) -> None:
+    def offline(url: str, dest: Path, **_: object) -> None:
         raise HarnessError(f"cannot reach {url}: network is unreachable")
 
-    monkeypatch.setattr(backbones.adm, "_download", offline)
+    monkeypatch.setattr(backbones.download, "download_file", offline)
     monkeypatch.setenv("DIFFVOS_WEIGHTS_DIR", str(tmp_path / "weights"))
     config = small_config(synth_root, tmp_path, **{"backbone.name": "adm"})
     with pytest.raises(WeightsNotFoundError) as raised:
