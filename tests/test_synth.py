@@ -189,6 +189,16 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_cli_names_its_own_overwrite_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.cli import main
+
+    out = tmp_path / "data"
+    assert main(["data", "synth", "--out", str(out)]) == 0
+    assert main(["data", "synth", "--out", str(out)]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(out), "--overwrite"]) == 0
+
+
 def test_empty_existing_folder_is_fine(tmp_path: Path) -> None:
     out = tmp_path / "empty"
     out.mkdir()

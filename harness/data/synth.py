@@ -400,7 +400,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise HarnessError(f"cannot write the synthetic dataset to {out}: it is a file")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise HarnessError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+        raise HarnessError(
+            f"{out} exists and is not empty; pass --overwrite (overwrite=True in Python) to replace it"
+        )
 
 
 def make_synthetic_dataset(out: Path, spec: SynthSpec = SynthSpec(), *, overwrite: bool = False) -> Path:
