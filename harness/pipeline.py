@@ -93,6 +93,8 @@ class RunResult:
     method_metrics: dict[str, float] = field(default_factory=dict)
     #: which frames were scored (None when the split has no ground truth or evaluation is off)
     scoring: ScoringPlan | None = None
+    #: noise draws averaged per frame, resolved (``backbone.ensemble_size: null`` = the backbone's default)
+    ensemble_size: int | None = None
 
     @property
     def sequence_table(self) -> str:
@@ -553,11 +555,12 @@ def _run_staged(
     method_metrics = aggregate_sequence_metrics([outcome.metrics for outcome in outcomes])
     if metrics is not None:
         metrics.update(method_metrics)  # logged with the run (e.g. the oracle's unfiltered query count)
+    ensemble_size = backbone.resolve_ensemble_size(config.backbone.ensemble_size)
     resolved = config.to_dict() | {
         "resolved": {
             "timestep": timestep,
             "layer": layer,
-            "ensemble_size": backbone.resolve_ensemble_size(config.backbone.ensemble_size),
+            "ensemble_size": ensemble_size,
             "backbone": backbone.identity(),
         }
     }
@@ -578,4 +581,5 @@ def _run_staged(
         submission_zip=submission,
         method_metrics=method_metrics,
         scoring=plan,
+        ensemble_size=ensemble_size,
     )

@@ -42,6 +42,7 @@ _DIFT = "github Tsingularity/dift "
 #: The released settings of each system, with their sources (the one table the tests compare with).
 #: diff-zvos: the documented commands (docs/EVALUATION.md:29 for SD 2.1, :36 for ADM, which overrides only
 #: t and layer) on top of src/config/eval.yaml; frames at short side 480 (src/utils/read_util.py:17).
+#: Prompt learning: docs/EVALUATION.md:48,55 on src/config/eval_prompt_learning.yaml.
 #: DIFT: the commands of its README (DAVIS section) for eval_davis.py, frames at short side 480
 #: (eval_davis.py:207), and its one per-sequence exception (the memory of "shooting") as method.memory_caps.
 RELEASED: dict[str, dict[str, ReleasedValue]] = {
@@ -76,6 +77,34 @@ RELEASED: dict[str, dict[str, ReleasedValue]] = {
         input__short_side=(480, "src/utils/read_util.py:17 (scale_size=[480])"),
         dataset__split=("val", "src/config/eval.yaml:29"),
         dataset__resolution=("480p", "src/config/eval.yaml:27"),
+    ),
+    # learn_prompts.py and eval_vos_prompts.py both read src/config/eval_prompt_learning.yaml (their
+    # hydra config_name); the learning uses its propagation t and ensemble (learn_prompts.py:19-20)
+    "paper-sd21-prompt": _released(
+        _ZVOS,
+        backbone__name=(
+            "sd2.1",
+            "src/config/eval_prompt_learning.yaml:25; docs/EVALUATION.md:48,55 (model=sd2.1)",
+        ),
+        backbone__timestep=(100, "src/config/eval_prompt_learning.yaml:11"),
+        backbone__layer=(9, "src/config/eval_prompt_learning.yaml:18"),
+        backbone__ensemble_size=(4, "src/config/eval_prompt_learning.yaml:12"),
+        method__name=("prompt-learning", "docs/EVALUATION.md:48,55 (learn_prompts.py, eval_vos_prompts.py)"),
+        method__per_object=(True, "src/eval_vos_prompts.py:61 (video_reader_type='per_object')"),
+        method__temperature=(0.2, "src/config/eval_prompt_learning.yaml:13"),
+        method__n_last_frames=(28, "src/config/eval_prompt_learning.yaml:14"),
+        method__radius=(15, "src/config/eval_prompt_learning.yaml:15 (size_mask_neighborhood)"),
+        method__topk=(15, "src/config/eval_prompt_learning.yaml:16"),
+        method__similarity=("cosine", "src/config/eval_prompt_learning.yaml:17 (func)"),
+        method__prompt_lr=(0.01, "src/config/eval_prompt_learning.yaml:21"),
+        method__prompt_steps=(100, "src/config/eval_prompt_learning.yaml:22 (n_epochs)"),
+        method__prompt_timestep=(100, "src/learn_prompts.py:19 (propagation_params.t)"),
+        method__prompt_ensemble_size=(4, "src/learn_prompts.py:20 (propagation_params.ensemble_size)"),
+        method__prompt_init_value=(1e-4, "src/learn_prompts.py:88 (torch.full((1024,), 1e-4))"),
+        method__memory_caps=(None, "src/eval_vos_prompts.py:104 (one memory length for every sequence)"),
+        input__short_side=(480, "src/utils/read_util.py:17 (scale_size=[480])"),
+        dataset__split=("val", "src/config/eval_prompt_learning.yaml:34"),
+        dataset__resolution=("480p", "src/config/eval_prompt_learning.yaml:32"),
     ),
     "dift-adm": _released(
         _DIFT,

@@ -65,6 +65,8 @@ def test_metrics_equal_an_independent_evaluation_of_the_written_pngs(synth_root:
     assert (result.output_dir / "global_results-val.csv").is_file()
     assert (result.output_dir / "per-sequence_results-val.csv").is_file()
     assert set(result.per_sequence_jf) == {s.name for s in open_dataset(synth_root, "val").sequences}
+    # backbone.ensemble_size null resolves to the backbone's default, reported with the result
+    assert result.config.backbone.ensemble_size is None and result.ensemble_size == 1
 
 
 def test_propagation_beats_a_static_first_frame(synth_root: Path, first_run, tmp_path: Path) -> None:

@@ -449,6 +449,23 @@ def test_model_study_fixes_settings_per_model() -> None:
     assert spec.trial_overrides({"backbone.name": "sd2.1"})["backbone.timestep"] == 100
 
 
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_sets_the_ensemble_of_its_noisy_backbones(path: Path) -> None:
+    """A diffusion backbone (default ensemble > 1) never runs a study on an implicit ensemble size."""
+    import backbones
+
+    spec = load_study_spec(path)
+    if "backbone.ensemble_size" in spec.search_space:
+        return
+    named = spec.search_space.get("backbone.name")
+    models = named.choices if named is not None else (spec.fixed.get("backbone.name", "random-conv"),)
+    for model in models:
+        if (backbones.describe_backbone(str(model)).get("default_ensemble_size") or 1) == 1:
+            continue
+        overrides = spec.trial_overrides({"backbone.name": model} if named is not None else {})
+        assert overrides.get("backbone.ensemble_size") is not None, f"{path.name}: {model}"
+
+
 # -- storage, budget and seeds -----------------------------------------------------------------------------
 
 

@@ -177,6 +177,7 @@ def make_result(base: Path) -> RunResult:
         sequences=outcomes,
         timings=dict(TIMINGS),
         cache_stats=CacheStats(hits=3, misses=2),
+        ensemble_size=4,
     )
 
 
@@ -323,6 +324,8 @@ def test_params_hold_flattened_settings_and_resolved_values(
     assert params["dataset.sequences"] == '["alpha", "beta"]'
     assert params["resolved.timestep"] == "25"
     assert params["resolved.layer"] == "1"
+    # backbone.ensemble_size null means the backbone's default: the run logs which it was
+    assert params["backbone.ensemble_size"] == "None" and params["resolved.ensemble_size"] == "4"
     assert params["model"] == "adm"  # a suggested param that is not a setting
     assert len(params["backbone.options.note"]) == 6000
 
@@ -833,6 +836,7 @@ def test_real_pipeline_run_is_tracked(tracking: TrackingConfig, client: MlflowCl
     assert logged.info.status == "FINISHED"
     assert logged.data.metrics["JF_mean"] == pytest.approx(result.metrics["J&F-Mean"])
     assert logged.data.params["resolved.layer"] == str(result.layer)
+    assert logged.data.params["resolved.ensemble_size"] == "1"  # random-conv's default, config null
     table = download_table(client, trial.run_id, "per_sequence.json", tmp_path)
     assert table["sequence"].tolist() == [o.name for o in result.sequences]
     artifacts = {a.path for a in client.list_artifacts(trial.run_id)}

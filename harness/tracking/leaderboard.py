@@ -8,10 +8,10 @@ Columns, in order: ``rank`` (1 = best J&F-Mean), ``study``, ``trial`` (empty for
 
 Param columns get short names: the section prefix of ``backbone.*``, ``method.*`` and ``resolved.*``
 settings is dropped (``method.topk`` -> ``topk``, ``backbone.name`` -> ``backbone``, ``method.name`` ->
-``method``), and the resolved time step and layer (what the run really used) own the names ``timestep``
-and ``layer``; the requested settings they resolve (``backbone.timestep``, ``backbone.layer``, often
-``None`` = default) are left out, so each appears once. A short name two other params would share keeps
-the full dotted names.
+``method``), and the resolved time step, layer and ensemble size (what the run really used) own the names
+``timestep``, ``layer`` and ``ensemble_size``; the requested settings they resolve (``backbone.timestep``,
+``backbone.layer``, ``backbone.ensemble_size``, often ``None`` = default) are left out, so each appears
+once. A short name two other params would share keeps the full dotted names.
 Absolute paths inside the project folder are shown relative to it.
 
 Published systems (:data:`harness.published.PUBLISHED`): a run is matched to a system by its tag

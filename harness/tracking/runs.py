@@ -285,6 +285,8 @@ class TrialRun:
         params = flatten_settings(result.config.to_dict())
         params["resolved.timestep"] = str(result.timestep)
         params["resolved.layer"] = str(result.layer)
+        if result.ensemble_size is not None:  # what backbone.ensemble_size: null resolved to
+            params["resolved.ensemble_size"] = str(result.ensemble_size)
         _log_params(self._client, self.run_id, params, self._logged_params)
         _log_metrics(self._client, self.run_id, self._result_metrics(result))
         _log_tags(
