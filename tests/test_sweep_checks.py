@@ -6,7 +6,9 @@ Every refusal must leave no journal file behind, so that a fixed command starts 
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,38 @@ def test_unreachable_tracking_server_fails_fast_before_the_study(tmp_path: Path,
         assert not (tmp_path / "storage").exists()
     finally:
         silent.close()
+
+
+def test_a_server_that_is_not_mlflow_fails_before_the_study(tmp_path: Path, synth_root: Path) -> None:
+    # a wrong port or path prefix reaches another web service: it answers, but with 404; the sweep used to
+    # create the study and then end in a raw MlflowException traceback
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler's API
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ConfigError, match="not an MLflow tracking server"):
+            check_tracking_store(uri, timeout=2.0)
+        study_file = write_study(tmp_path, synth_data(synth_root))
+        with pytest.raises(ConfigError, match="not an MLflow tracking server"):
+            run_sweep(
+                study_file,
+                storage=None,
+                tracking=TrackingConfig(tracking_uri=uri),
+                storage_dir=tmp_path / "storage",
+            )
+        assert not (tmp_path / "storage").exists()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- optuna-dashboard ----------------------------------------------------------------------------------------
