@@ -251,6 +251,18 @@ def test_max_gb_zero_is_rejected(data: Path, tmp_path: Path) -> None:
         run(small_config(data, tmp_path, **{"cache.max_gb": 0}))
 
 
+@pytest.mark.parametrize("max_gb", [0, -1])
+def test_cache_info_refuses_a_configured_cap_of_zero_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], max_gb: int
+) -> None:
+    # `harness cache info --config` read the cap without the run's check and divided by it
+    config = tmp_path / "run.yaml"
+    config.write_text(f"cache: {{dir: {tmp_path / 'cache'}, max_gb: {max_gb}}}\n")
+    assert main(["cache", "info", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_gb must be > 0" in err
+
+
 # -- one line instead of a traceback ---------------------------------------------------------------------
 
 
