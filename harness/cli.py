@@ -92,8 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_tracked(config: Any, args: argparse.Namespace) -> Any:
     """``harness run --track``: the run logged to MLflow like a sweep trial, beside that study's trials."""
-    from harness.tracking import TrackingConfig, track_run
+    from harness.study.preflight import check_tracking_store
+    from harness.tracking import TrackingConfig, resolve_tracking_uri, track_run
 
+    # as a sweep does: an unreachable or wrong tracking store is one line before the run, not a traceback
+    # (or a long hang) after it
+    check_tracking_store(resolve_tracking_uri(args.tracking_uri))
     tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
     result, run_id = track_run(config, tracking, study=args.study, worst_sequences=args.overlays or 3)
     print(f"tracked: MLflow run {run_id} (experiment {args.experiment}, study {args.study})")

@@ -82,6 +82,11 @@ class CacheConfig:
     fp16: bool = False
     max_gb: float | None = None
 
+    def __post_init__(self) -> None:
+        # 0 used to mean "no cap" silently; every reader of the setting (run, cache info) gets this check
+        if self.max_gb is not None and not self.max_gb > 0:
+            raise ConfigError(f"cache.max_gb must be > 0 (or null for the default cap), got {self.max_gb}")
+
 
 @dataclass(frozen=True)
 class MethodConfig:

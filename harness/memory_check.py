@@ -21,7 +21,7 @@ import torch
 from backbones.base import FLOAT32_BYTES, Backbone, LayerKey
 from harness.config import MAX_SHORT_SIDE, RunConfig
 from harness.data import Dataset
-from harness.errors import ConfigError
+from harness.errors import ConfigError, NotEnoughMemoryError
 from harness.frames import network_input_size
 
 #: the propagation's windowed affinity work is planned to stay under this (harness.methods.labelprop.affinity)
@@ -147,7 +147,8 @@ def check_run_memory(
     *,
     available: AvailableMemory | None = None,
 ) -> RunMemoryEstimate:
-    """Raise ConfigError, saying what to lower, when the run's estimate exceeds the free memory."""
+    """Raise NotEnoughMemoryError (a ConfigError), saying what to lower, when the estimate exceeds the free
+    memory."""
     estimate = estimate_run_memory(config, dataset, backbone, layer)
     free = available if available is not None else available_memory(backbone.device)
     hint = (
@@ -155,12 +156,12 @@ def check_run_memory(
         "(or method.n_last_frames), or free memory"
     )
     if estimate.host > free.host:
-        raise ConfigError(
+        raise NotEnoughMemoryError(
             f"this run needs about {_gib(estimate.host)} of RAM but {_gib(free.host)} is free "
             f"({estimate.describe()}); {hint}"
         )
     if estimate.device is not None and free.device is not None and estimate.device > free.device:
-        raise ConfigError(
+        raise NotEnoughMemoryError(
             f"this run needs about {_gib(estimate.device)} of GPU memory on {backbone.device} but "
             f"{_gib(free.device)} is free ({estimate.describe()}); {hint}"
         )

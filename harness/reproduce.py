@@ -287,8 +287,10 @@ def main_from_args(args: Any) -> int:
         return 0
     tracking = None
     if not args.no_track:
-        from harness.tracking import TrackingConfig
+        from harness.study.preflight import check_tracking_store
+        from harness.tracking import TrackingConfig, resolve_tracking_uri
 
+        check_tracking_store(resolve_tracking_uri(args.tracking_uri))  # before the run, as a sweep does
         tracking = TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
     comparison = reproduce(args.system, args.dataset, args.output, not args.quiet, tracking)
     print(comparison.describe())

@@ -14,7 +14,7 @@ import pytest
 from backbones import load_backbone
 from harness.config import RunConfig
 from harness.data import open_dataset
-from harness.errors import ConfigError
+from harness.errors import ConfigError, NotEnoughMemoryError
 from harness.memory_check import MAX_SHORT_SIDE, AvailableMemory, check_run_memory, estimate_run_memory
 from harness.pipeline import run
 
@@ -105,10 +105,10 @@ def test_runs_that_do_not_fit_the_free_memory_are_refused(synth_root: Path, tmp_
     assert (
         check_run_memory(config, dataset, backbone, layer, available=AvailableMemory(host=2**40)) == estimate
     )
-    with pytest.raises(ConfigError, match="needs about .* of RAM but 0.1 GiB is free"):
+    with pytest.raises(NotEnoughMemoryError, match="needs about .* of RAM but 0.1 GiB is free"):
         check_run_memory(config, dataset, backbone, layer, available=AvailableMemory(host=2**27))
     # a GPU run needs one frame's ensemble on the device; its free memory is checked too
-    with pytest.raises(ConfigError, match="GPU memory"):
+    with pytest.raises(NotEnoughMemoryError, match="GPU memory"):
         check_run_memory(
             config, dataset, _OnCuda(backbone), layer, available=AvailableMemory(host=2**40, device=2**20)
         )

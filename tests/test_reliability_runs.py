@@ -78,6 +78,23 @@ def test_configured_sequence_names_are_confined_too(data: Path, tmp_path: Path) 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("key", ["dataset.split", "dataset.resolution"])
+def test_split_and_resolution_are_confined_too(data: Path, tmp_path: Path, key: str) -> None:
+    # the split names the result files (global_results-<split>.csv): '..' in it wrote them outside
+    # output_dir; an absolute resolution read frames (and masks) from anywhere
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "ImageSets" / "2017").mkdir(parents=True)
+    shutil.copy(_split_file(data), elsewhere / "ImageSets" / "2017" / "x.txt")
+    bad = {
+        "dataset.split": "../../../elsewhere/ImageSets/2017/x",
+        "dataset.resolution": str(data / "JPEGImages" / "480p"),
+    }[key]
+    with pytest.raises(DataError, match="not a plain name"):
+        run(small_config(data, tmp_path, **{key: bad, "dataset.sequences": [ONE]}))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    assert sorted(p.name for p in elsewhere.rglob("*")) == ["2017", "ImageSets", "x.txt"]
+
+
 def test_cli_evaluate_and_cache_refuse_escaping_names_with_one_line(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -232,6 +249,18 @@ def test_numeric_strings_are_accepted_for_float_settings(tmp_path: Path) -> None
 def test_max_gb_zero_is_rejected(data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="max_gb must be > 0"):
         run(small_config(data, tmp_path, **{"cache.max_gb": 0}))
+
+
+@pytest.mark.parametrize("max_gb", [0, -1])
+def test_cache_info_refuses_a_configured_cap_of_zero_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], max_gb: int
+) -> None:
+    # `harness cache info --config` read the cap without the run's check and divided by it
+    config = tmp_path / "run.yaml"
+    config.write_text(f"cache: {{dir: {tmp_path / 'cache'}, max_gb: {max_gb}}}\n")
+    assert main(["cache", "info", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_gb must be > 0" in err
 
 
 # -- one line instead of a traceback ---------------------------------------------------------------------

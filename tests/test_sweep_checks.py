@@ -6,7 +6,9 @@ Every refusal must leave no journal file behind, so that a fixed command starts 
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import optuna
 import pytest
 import yaml
 
+from harness.cli import main as cli_main
 from harness.errors import ConfigError, WeightsNotFoundError
 from harness.study import main, parse_study_spec, resolve_storage, run_sweep
 from harness.study.preflight import check_tracking_store, preflight
@@ -244,6 +247,66 @@ def test_unreachable_tracking_server_fails_fast_before_the_study(tmp_path: Path,
         assert not (tmp_path / "storage").exists()
     finally:
         silent.close()
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """Another web service: answers every request with 404."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the handler's API
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def not_mlflow_uri() -> Any:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_that_is_not_mlflow_fails_before_the_study(
+    tmp_path: Path, synth_root: Path, not_mlflow_uri: str
+) -> None:
+    # a wrong port or path prefix reaches another web service: it answers, but with 404; the sweep used to
+    # create the study and then end in a raw MlflowException traceback
+    with pytest.raises(ConfigError, match="not an MLflow tracking server"):
+        check_tracking_store(not_mlflow_uri, timeout=2.0)
+    study_file = write_study(tmp_path, synth_data(synth_root))
+    with pytest.raises(ConfigError, match="not an MLflow tracking server"):
+        run_sweep(
+            study_file,
+            storage=None,
+            tracking=TrackingConfig(tracking_uri=not_mlflow_uri),
+            storage_dir=tmp_path / "storage",
+        )
+    assert not (tmp_path / "storage").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "reproduce"])
+def test_tracked_runs_check_the_store_before_running(
+    tmp_path: Path, synth_root: Path, not_mlflow_uri: str, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # `harness run --track` and `harness reproduce` ran first and then died in a traceback (or hung on an
+    # unreachable server) when the store could not be used
+    out = tmp_path / "out"
+    if command == "run":
+        config = tmp_path / "run.yaml"
+        config.write_text(f"dataset: {{root: {synth_root}}}\noutput_dir: {out}\n")
+        argv = ["run", "--config", str(config), "--quiet", "--track"]
+    else:
+        argv = ["reproduce", "paper-adm", "--dataset", str(synth_root), "--output", str(out), "--quiet"]
+    assert cli_main([*argv, "--tracking-uri", not_mlflow_uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an MLflow tracking server" in err
+    assert not out.exists()
 
 
 # -- optuna-dashboard ----------------------------------------------------------------------------------------

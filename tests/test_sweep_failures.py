@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 import pytest
 
-from harness.errors import DataError, WeightsNotFoundError
+from harness.errors import DataError, NotEnoughMemoryError, WeightsNotFoundError
 from harness.study import resolve_storage, run_sweep
 from harness.study.failures import ENVIRONMENT, KILLED, SURPLUS, classify
 from harness.study.progress import SweepProgress
@@ -64,13 +64,20 @@ def test_failure_kinds() -> None:
     assert classify(WeightsNotFoundError("no checkpoint")) == ENVIRONMENT
     assert classify(DataError("no frames")) == ENVIRONMENT
     assert classify(MemoryError()) == ENVIRONMENT
+    assert classify(NotEnoughMemoryError("needs 9 GiB, 2 GiB free")) == ENVIRONMENT
     assert classify(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == ENVIRONMENT
     assert classify(KeyboardInterrupt()) == "interrupted"
     assert classify(ValueError("layer 9 does not exist")) == "setting"
 
 
 @pytest.mark.parametrize(
-    "error", [WeightsNotFoundError("ADM weights are not at /w.pt"), RuntimeError("CUDA out of memory")]
+    "error",
+    [
+        WeightsNotFoundError("ADM weights are not at /w.pt"),
+        RuntimeError("CUDA out of memory"),
+        # the pre-run memory check: what is free depends on the machine now, not on the setting
+        NotEnoughMemoryError("this run needs about 9.0 GiB of RAM but 2.0 GiB is free"),
+    ],
 )
 def test_environment_failure_keeps_its_grid_point_and_is_retried(
     tmp_path: Path, synth_root: Path, error: Exception

@@ -188,6 +188,9 @@ def open_dataset(
     ``sequences`` restricts the dataset to a subset (in the given order).
     """
     root = Path(root).expanduser()
+    # both become path components: of the frames (resolution) and of the split and result files (split)
+    check_entry_name(split, "split", "dataset.split")
+    check_entry_name(resolution, "resolution", "dataset.resolution")
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist; {_setup_hint(root)}")
     if (root / "JPEGImages" / resolution).is_dir():

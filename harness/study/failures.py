@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterable
 from typing import Any
 
-from harness.errors import DataError, WeightsNotFoundError
+from harness.errors import DataError, NotEnoughMemoryError, WeightsNotFoundError
 
 #: trial user attribute naming the kind of failure (absent: the settings failed, or the trial did not fail)
 KIND_ATTR = "failure_kind"
@@ -41,7 +41,7 @@ def classify(error: BaseException) -> str:
     """The failure kind of an exception raised by a trial."""
     if isinstance(error, KeyboardInterrupt | SystemExit):
         return INTERRUPTED
-    if isinstance(error, WeightsNotFoundError | DataError | MemoryError):
+    if isinstance(error, WeightsNotFoundError | DataError | MemoryError | NotEnoughMemoryError):
         return ENVIRONMENT
     torch = _loaded_torch()
     if torch is not None and isinstance(error, getattr(torch, "OutOfMemoryError", ())):

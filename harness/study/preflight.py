@@ -319,7 +319,7 @@ def _check_space(
 def check_tracking_store(tracking_uri: str, timeout: float = TRACKING_TIMEOUT_S) -> None:
     """Fail within ``timeout`` seconds when the MLflow tracking store cannot be reached.
 
-    An HTTP server must answer (any status: a 401 from an authenticating proxy still proves it is there);
+    An HTTP server must answer, but not 404 (a 401 from an authenticating proxy proves it is there);
     a database server must accept a TCP connection; a local SQLite file needs a folder to live in.
     """
     scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in tracking_uri else ""
@@ -328,8 +328,15 @@ def check_tracking_store(tracking_uri: str, timeout: float = TRACKING_TIMEOUT_S)
         try:
             with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 - the user's own server
                 return
-        except urllib.error.HTTPError:
-            return  # it answered
+        except urllib.error.HTTPError as error:
+            if error.code != 404:
+                return  # it answered (401/403 from an authenticating proxy included)
+            # every MLflow server answers /health; a 404 is another service, and the client's first
+            # request would end the sweep with a traceback after the study was created
+            raise ConfigError(
+                f"{tracking_uri} answered but is not an MLflow tracking server (HTTP 404 for {url}); "
+                "fix --tracking-uri / $MLFLOW_TRACKING_URI (host, port and path prefix)"
+            ) from None
         except (urllib.error.URLError, OSError, TimeoutError) as error:
             reason = getattr(error, "reason", error)
             raise ConfigError(
