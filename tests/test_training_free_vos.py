@@ -287,3 +287,26 @@ def test_study_runs_the_published_system_first_and_sweeps_method_settings() -> N
     assert first == RunConfig().with_overrides(system.overrides)  # the default trial is the published system
     assert first.method.settings == TrainingFreeVosSettings()
     assert {name.split(".")[0] for name in spec.search_space} == {"method"}
+
+
+def test_leaderboard_shows_the_published_number_only_beside_the_released_setting() -> None:
+    """A trial of the study's search (settings other than the released ones) is not the published system."""
+    from harness.published import PUBLISHED
+    from harness.tracking.leaderboard import published_system_of
+    from harness.tracking.names import flatten_settings
+
+    system = PUBLISHED["training-free-vos"]
+    every_setting = {f"method.{field.name}" for field in dataclasses.fields(TrainingFreeVosSettings)}
+    assert every_setting - set(system.overrides) == {"method.chunk_size"}
+    on_davis_val = {"dataset.root": "data/DAVIS", "dataset.split": "val"}
+
+    def matched(**changes: object) -> str | None:
+        config = RunConfig().with_overrides(on_davis_val | system.overrides | changes)
+        found = published_system_of(flatten_settings(config.to_dict()), {}, PUBLISHED)
+        return found.name if found else None
+
+    assert matched() == "training-free-vos"
+    assert matched(**{"method.chunk_size": 1024}) == "training-free-vos"  # memory only, same masks
+    assert matched(**{"method.time_factor": 1.5}) is None
+    assert matched(**{"method.crf": False}) is None
+    assert matched(**{"method.num_models": 3}) is None
