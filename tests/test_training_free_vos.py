@@ -273,6 +273,10 @@ def test_harness_run_with_the_tiny_xcit(synth_root: Path, tmp_path: Path) -> Non
     config = run_config(synth_root, tmp_path, "dino-xcits8-tiny", **{"dataset.sequences": RUN_SEQUENCES[:1]})
     result = run(config)
     assert result.metrics is not None and 0.0 <= result.metrics["J&F-Mean"] <= 1.0
+    # a sweep over the method's settings reads the cached features: no extraction the second time
+    other = {"method.time_factor": 0.5, "method.crf": False, "output_dir": str(tmp_path / "again")}
+    again = run(config.with_overrides(other))
+    assert again.cache_stats is not None and again.cache_stats.misses == 0 and again.cache_stats.hits > 0
 
 
 def test_study_runs_the_published_system_first_and_sweeps_method_settings() -> None:
