@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from backbones import available_backbones, load_backbone
+from backbones import load_backbone
 from harness.config import RunConfig
 from harness.data import write_mask
 from harness.data.dataset import open_dataset
@@ -271,9 +271,6 @@ def test_harness_run_with_random_conv_beats_copying_the_first_mask(synth_root: P
     assert 0.0 < result.method_metrics["tfvos_confident_fraction"] <= 1.0  # a share, averaged over sequences
 
 
-@pytest.mark.skipif(
-    "dino-xcits8-tiny" not in available_backbones(), reason="no dino-xcits8-tiny backbone yet"
-)
 def test_harness_run_with_the_tiny_xcit(synth_root: Path, tmp_path: Path) -> None:
     from harness.pipeline import run
 
