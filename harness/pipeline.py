@@ -88,8 +88,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     cache_stats: CacheStats | None = None
     submission_zip: Path | None = None
-    #: the method's per-sequence diagnostics over the sequences: counts summed, rates (corr_*) averaged
-    #: (harness.methods.base.aggregate_sequence_metrics; also in ``metrics`` when scored)
+    #: the method's per-sequence diagnostics over the sequences: counts summed, rates averaged
+    #: (corr_*, *_fraction; harness.methods.base.aggregate_sequence_metrics; also in ``metrics`` when scored)
     method_metrics: dict[str, float] = field(default_factory=dict)
     #: which frames were scored (None when the split has no ground truth or evaluation is off)
     scoring: ScoringPlan | None = None

@@ -149,6 +149,33 @@ PUBLISHED["dino-vits8"] = PublishedSystem(
 # -- Training-Free-VOS (issue #12): streaming vMF mixtures over DINO XCiT-S/8 features, PAC-CRF ------------
 # github BGU-CS-VIL/Training-Free-VOS main_seg.py:256-285 (argparse defaults = our method defaults); its
 # features are XCiT-S/8 at 480p (60 rows, 384 channels, main_seg.py:24-33).
+# Every released setting explicitly (the defaults of TrainingFreeVosSettings, cited per field there; only
+# chunk_size, which changes memory and not masks, is left out): the leaderboard matches a run to this row
+# by these values, so a trial of studies/training_free_vos.yaml with other settings is not shown beside 76.3.
+_TFVOS_RELEASED: dict[str, Any] = {
+    "method.location_scale": 10.0,
+    "method.classify_position_weight": 1.0,
+    "method.time_factor": 0.33,
+    "method.num_models": 10,
+    "method.feature_norm": None,
+    "method.position_dim": 64,
+    "method.em_max_iters": 100,
+    "method.em_tol": 1e-5,
+    "method.update_em_iters": 2,
+    "method.outlier_margin": 1.0,
+    "method.window_height": 19,
+    "method.window_width": 39,
+    "method.feature_upsample": 2,
+    "method.max_components": 350,
+    "method.gate_low": 0.65,
+    "method.gate_high": 0.80,
+    "method.history_size": 15,
+    "method.crf": True,
+    "method.crf_steps": 5,
+    "method.crf_fit_steps": 100,
+    "method.crf_fit_lr": 0.02,
+    "method.seed": 123,
+}
 PUBLISHED["training-free-vos"] = PublishedSystem(
     name="training-free-vos",
     description="Training-Free-VOS: per-object streaming vMF mixtures on DINO XCiT-S/8 features, PAC-CRF",
@@ -158,7 +185,12 @@ PUBLISHED["training-free-vos"] = PublishedSystem(
         "Streaming-data Mixture Models (NeurIPS), DAVIS-2017 val"
     ),
     weights=("dino-xcits8",),
-    overrides={"backbone.name": "dino-xcits8", "method.name": "training-free-vos", "input.short_side": 480},
+    overrides={
+        "backbone.name": "dino-xcits8",
+        "method.name": "training-free-vos",
+        "input.short_side": 480,
+        **_TFVOS_RELEASED,
+    },
 )
 
 

@@ -515,3 +515,23 @@ def test_cli_lists_the_dino_backbones_without_weights(
     assert "dino-vitb8: default t 0, default layer 11" in table
     assert any(line.split() == ["11", "768", "8"] for line in table.splitlines())
     assert not (tmp_path / "empty").exists()  # nothing downloaded
+
+
+def test_leaderboard_shows_dinos_published_number_beside_a_baselines_trial() -> None:
+    """A trial of studies/baselines.yaml, logged with all its settings, is matched to its published row."""
+    from harness.published import PUBLISHED
+    from harness.study.spec import load_study_spec
+    from harness.tracking.leaderboard import published_system_of
+    from harness.tracking.names import flatten_settings
+
+    spec = load_study_spec(Path(__file__).resolve().parents[1] / "studies" / "baselines.yaml")
+    found = []
+    for entry in spec.enqueue:
+        on_davis_val = {"dataset.root": "data/DAVIS", "dataset.split": "val"}
+        config = RunConfig().with_overrides(on_davis_val | spec.trial_overrides(entry))
+        system = published_system_of(flatten_settings(config.to_dict()), {}, PUBLISHED)
+        found.append((system.name, system.jf) if system else None)
+    assert found == [("dino-vitb8", 71.4), ("dino-vits8", 69.9)]
+    # the paper's propagation settings on the same backbone are not DINO's published evaluation
+    paper = RunConfig().with_overrides({"dataset.split": "val", "backbone.name": "dino-vitb8"})
+    assert published_system_of(flatten_settings(paper.to_dict()), {}, PUBLISHED) is None

@@ -26,21 +26,25 @@ METHOD_ARTIFACTS = "method-artifacts"
 #: per-sequence metrics with these name prefixes are rates (e.g. the correspondence diagnostics): a run
 #: reports their mean over the sequences that have them; every other metric is a count, summed
 MEAN_METRIC_PREFIXES = ("corr_",)
+#: names ending so are shares too (Training-Free-VOS's ``tfvos_confident_fraction``), averaged likewise
+MEAN_METRIC_SUFFIXES = ("_fraction",)
+
+
+def _is_rate(name: str) -> bool:
+    return name.startswith(MEAN_METRIC_PREFIXES) or name.endswith(MEAN_METRIC_SUFFIXES)
 
 
 def aggregate_sequence_metrics(per_sequence: list[dict[str, float]]) -> dict[str, float]:
     """A run's method metrics from its sequences' ``SequenceContext.metrics``: means of rates (see
-    :data:`MEAN_METRIC_PREFIXES`) over the sequences that report them, sums of counts."""
+    :data:`MEAN_METRIC_PREFIXES`, :data:`MEAN_METRIC_SUFFIXES`) over the sequences that report them,
+    sums of counts."""
     totals: dict[str, float] = {}
     reported: dict[str, int] = {}
     for metrics in per_sequence:
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value)
             reported[name] = reported.get(name, 0) + 1
-    return {
-        name: total / reported[name] if name.startswith(MEAN_METRIC_PREFIXES) else total
-        for name, total in totals.items()
-    }
+    return {name: total / reported[name] if _is_rate(name) else total for name, total in totals.items()}
 
 
 @dataclass(frozen=True)
