@@ -36,6 +36,10 @@ PUBLISHED: dict[str, PublishedSystem] = {}
 # features with plain label propagation (DIFT-ADM), as the project brief does; 76.8 stays in the
 # description. That table has no row for SD 2.1 without prompt learning, hence no number for paper-sd21.
 _RELEASED_PROPAGATION = {
+    # plain joint label propagation: no correspondence filter, objects together (so a run with the oracle or
+    # the per-object mode is never shown beside these numbers)
+    "method.filter": None,
+    "method.per_object": False,
     "method.temperature": 0.2,
     "method.topk": 15,
     "method.radius": 15,
@@ -119,6 +123,8 @@ PUBLISHED.update(
 # size_mask_neighborhood 12 (:261), topk 5 (:263); cosine affinities (:125-126). Frames 480p, short side
 # 480 (:197-214). The paper's numbers were obtained with torch 1.7.1 (dino README, DAVIS section).
 _DINO_LABEL_PROPAGATION: dict[str, Any] = {
+    "method.filter": None,
+    "method.per_object": False,
     "method.name": "labelprop",
     "method.similarity": "cosine",
     "method.temperature": 0.1,

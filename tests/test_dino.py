@@ -535,3 +535,18 @@ def test_leaderboard_shows_dinos_published_number_beside_a_baselines_trial() -> 
     # the paper's propagation settings on the same backbone are not DINO's published evaluation
     paper = RunConfig().with_overrides({"dataset.split": "val", "backbone.name": "dino-vitb8"})
     assert published_system_of(flatten_settings(paper.to_dict()), {}, PUBLISHED) is None
+
+
+@pytest.mark.parametrize("changed", [{"method.filter": "oracle"}, {"method.per_object": True}])
+def test_a_filtered_or_per_object_run_is_not_shown_beside_a_published_number(changed: dict) -> None:
+    """The published rows are plain joint propagation: the oracle or the per-object mode is another system."""
+    from harness.published import PUBLISHED
+    from harness.tracking.leaderboard import published_system_of
+    from harness.tracking.names import flatten_settings
+
+    for name in ("dino-vitb8", "paper-adm", "dift-sd21"):
+        overrides = {"dataset.root": "data/DAVIS", "dataset.split": "val"} | PUBLISHED[name].overrides
+        plain = RunConfig().with_overrides(overrides)
+        assert published_system_of(flatten_settings(plain.to_dict()), {}, PUBLISHED) is PUBLISHED[name]
+        other = RunConfig().with_overrides(overrides | changed)
+        assert published_system_of(flatten_settings(other.to_dict()), {}, PUBLISHED) is None
