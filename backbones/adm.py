@@ -37,7 +37,7 @@ from backbones.weights import (
     ensure_weights_file,
     file_sha256,
     read_state_dict,
-    weights_dir,
+    weights_location,
 )
 
 OFFICIAL_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
@@ -173,7 +173,9 @@ class ADMBackbone(Backbone):
         self.default_timestep = self.check_timestep(default_timestep)
         self.default_layer = min(default_layer, config.num_output_blocks - 1)
         self.default_ensemble_size = self.resolve_ensemble_size(default_ensemble_size)
-        self.weights_path, self.weights_url = self._weights_location(weights, weights_dir)
+        self.weights_path, self.weights_url = weights_location(
+            f"ADM preset {config.preset!r}", weights, weights_dir, _PUBLISHED.get(config.preset)
+        )
         self._net: ADMUNet | None = None
         #: the loaded network's decoder_features, compiled when asked for
         self._run: Callable[..., dict[int, torch.Tensor]] | None = None
@@ -181,25 +183,6 @@ class ADMBackbone(Backbone):
         self._parameters: int | None = None
 
     # -- weights -------------------------------------------------------------------------------------
-
-    def _weights_location(
-        self, weights: str | os.PathLike[str] | None, folder: str | os.PathLike[str] | None
-    ) -> tuple[Path | None, str | None]:
-        """(checkpoint path or None for random init, URL to download it from or None)."""
-        published = _PUBLISHED.get(self.config.preset)
-        if weights is not None and str(weights) != "":
-            path = Path(weights).expanduser()
-            if path.is_dir():
-                if published is None:
-                    raise ConfigError(
-                        f"{path} is a folder; pass the checkpoint file for preset {self.config.preset!r}"
-                    )
-                path = path / published[0]
-            return path, None
-        if published is None:
-            return None, None
-        filename, url = published
-        return weights_dir(folder) / filename, url
 
     def _ensure_weights_file(self) -> Path | None:
         """The checkpoint path, downloading the published file if it is not there yet."""

@@ -40,7 +40,7 @@ from backbones.vit import (
     build_network,
     random_state_dict,
 )
-from backbones.weights import ensure_weights_file, file_sha256, read_state_dict, weights_dir
+from backbones.weights import ensure_weights_file, file_sha256, read_state_dict, weights_dir, weights_location
 
 _RELEASE = "https://dl.fbaipublicfiles.com/dino"
 
@@ -135,29 +135,17 @@ class DinoBackbone(Backbone):
         self.default_layer = config.depth - 1 if default_layer is None else int(default_layer)
         if not 0 <= self.default_layer < config.depth:
             raise ConfigError(f"backbone {name!r} has layers 0..{config.depth - 1}, not {self.default_layer}")
-        self.weights_path, self.weights_url = self._weights_location(weights, weights_dir)
+        published = PUBLISHED_WEIGHTS.get(config.preset)
+        self.weights_path, self.weights_url = weights_location(
+            f"backbone {name!r}",
+            weights,
+            weights_dir,
+            None if published is None else (published.filename, published.url),
+        )
         self._net: Network | None = None
         self._weights_hash: str | None = None
 
     # -- weights -------------------------------------------------------------------------------------
-
-    def _weights_location(
-        self, weights: str | os.PathLike[str] | None, folder: str | os.PathLike[str] | None
-    ) -> tuple[Path | None, str | None]:
-        """(checkpoint path or None for random init, URL to download it from or None)."""
-        published = PUBLISHED_WEIGHTS.get(self.config.preset)
-        if weights is not None and str(weights) != "":
-            path = Path(weights).expanduser()
-            if path.is_dir():
-                if published is None:
-                    raise ConfigError(
-                        f"{path} is a folder; pass a checkpoint file for backbone {self.name!r}"
-                    )
-                path = path / published.filename
-            return path, None
-        if published is None:
-            return None, None
-        return weights_dir(folder) / published.filename, published.url
 
     def _ensure_weights_file(self) -> Path | None:
         """The checkpoint path, downloading the published file if it is not there yet."""

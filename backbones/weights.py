@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from backbones.errors import HarnessError, WeightsNotFoundError
+from backbones.errors import ConfigError, HarnessError, WeightsNotFoundError
 
 WEIGHTS_DIR_ENV = "DIFFVOS_WEIGHTS_DIR"
 _HASH_CHUNK = 1 << 22
@@ -26,6 +26,31 @@ def weights_dir(override: str | os.PathLike[str] | None = None) -> Path:
     if from_env:
         return Path(from_env).expanduser()
     return Path.home() / ".cache" / "diffvos" / "weights"
+
+
+def weights_location(
+    label: str,
+    weights: str | os.PathLike[str] | None,
+    folder: str | os.PathLike[str] | None,
+    published: tuple[str, str] | None,
+) -> tuple[Path | None, str | None]:
+    """(checkpoint path or None for random init, URL to download it from or None).
+
+    An explicit ``weights`` file is used as it is (a folder means the published file name inside it) and
+    never downloaded; otherwise a model with published weights (``published`` = (file name, URL)) looks in
+    :func:`weights_dir`, and one without (tiny models) is initialised at random.
+    """
+    if weights is not None and str(weights) != "":
+        path = Path(weights).expanduser()
+        if path.is_dir():
+            if published is None:
+                raise ConfigError(f"{path} is a folder; pass the checkpoint file for {label}")
+            path = path / published[0]
+        return path, None
+    if published is None:
+        return None, None
+    filename, url = published
+    return weights_dir(folder) / filename, url
 
 
 def file_sha256(path: Path) -> str:

@@ -155,7 +155,7 @@ def test_released_propagate_matches_propagate_frame(radius: int) -> None:
     assert (released - reference).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("module", ["propagation", "sweep", "evaluation", "extraction", "common"])
+@pytest.mark.parametrize("module", ["propagation", "sweep", "evaluation", "extraction", "smoke", "common"])
 def test_sub_benchmarks_import_without_the_runner(module: str) -> None:
     """No import cycle: a sub-benchmark needs only the shared helpers, never the entry point."""
     code = (
@@ -330,6 +330,14 @@ def test_extraction_benchmark_quick(tmp_path: Path) -> None:
         assert ours["flops_per_frame"] < released["flops_per_frame"]
         assert entry["davis17_val_trial_seconds"]["projected_from_flops"] is True
     assert report["sd21"]["size"]["ensemble_size"] == 2
+
+
+def test_smoke_benchmark_quick_times_every_tiny_backbone(tmp_path: Path) -> None:
+    from harness.bench.smoke import TINY_BACKBONES
+
+    report = read_report(run_one("smoke", quick_options(tmp_path)), "smoke")
+    assert [row["backbone"] for row in report["backbones"]] == list(TINY_BACKBONES)
+    assert all(row["best_s"] > 0 and row["calls"] == 1 for row in report["backbones"])
 
 
 def test_evaluation_benchmark_quick(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import torch
 from harness.errors import ConfigError
 from harness.tracking.environment import process_peak_rss_bytes
 
-SUB_BENCHMARKS = ("propagation", "sweep", "evaluation", "extraction")
+SUB_BENCHMARKS = ("propagation", "sweep", "evaluation", "extraction", "smoke")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: ../shared beside the checkout (developer machines only); benchmarks that need it skip without it
 SHARED_REFERENCE = PROJECT_ROOT.parent / "shared" / "reference"

@@ -3,7 +3,7 @@
 The shared helpers live in :mod:`harness.bench.common`; sub-benchmarks import those, and this module
 imports the sub-benchmarks on demand, so there is no import cycle.
 
-    python -m harness.bench propagation|sweep|evaluation|extraction|all [--device cpu|cuda] [--quick]
+    python -m harness.bench propagation|sweep|evaluation|extraction|smoke|all [--device cpu|cuda] [--quick]
         [--full] [--out results/benchmarks]
 """
 
@@ -49,6 +49,10 @@ def _sub_benchmark(name: str) -> SubBenchmark:
         from harness.bench import extraction
 
         return SubBenchmark(extraction.run, extraction.format_report)
+    if name == "smoke":
+        from harness.bench import smoke
+
+        return SubBenchmark(smoke.run, smoke.format_report)
     if name == "evaluation":
         return SubBenchmark(run_evaluation, format_evaluation)
     raise ConfigError(f"unknown benchmark {name!r}; choose from {', '.join((*SUB_BENCHMARKS, 'all'))}")
