@@ -39,6 +39,20 @@ def _released(source_prefix: str, **values: tuple[Any, str]) -> dict[str, Releas
 _ZVOS = "github thanosDelatolas/diff-zvos "
 _DIFT = "github Tsingularity/dift "
 
+#: what both of the paper's plain settings take from src/config/eval.yaml (and its frame reader)
+_EVAL_YAML: dict[str, tuple[Any, str]] = dict(
+    backbone__ensemble_size=(8, "src/config/eval.yaml:12"),
+    method__temperature=(0.2, "src/config/eval.yaml:13"),
+    method__n_last_frames=(28, "src/config/eval.yaml:14"),
+    method__radius=(15, "src/config/eval.yaml:15 (size_mask_neighborhood)"),
+    method__topk=(15, "src/config/eval.yaml:16"),
+    method__similarity=("cosine", "src/config/eval.yaml:17 (func)"),
+    method__memory_caps=(None, "src/eval_vos.py:80 (one memory length for every sequence)"),
+    input__short_side=(480, "src/utils/read_util.py:17 (scale_size=[480])"),
+    dataset__split=("val", "src/config/eval.yaml:29"),
+    dataset__resolution=("480p", "src/config/eval.yaml:27"),
+)
+
 #: The released settings of each system, with their sources (the one table the tests compare with).
 #: diff-zvos: the documented commands (docs/EVALUATION.md:29 for SD 2.1, :36 for ADM, which overrides only
 #: t and layer) on top of src/config/eval.yaml; frames at short side 480 (src/utils/read_util.py:17).
@@ -51,32 +65,14 @@ RELEASED: dict[str, dict[str, ReleasedValue]] = {
         backbone__name=("adm", "docs/EVALUATION.md:36 (model=adm)"),
         backbone__timestep=(30, "docs/EVALUATION.md:36 (propagation_params.t=30)"),
         backbone__layer=(6, "docs/EVALUATION.md:36 (propagation_params.layer=6)"),
-        backbone__ensemble_size=(8, "src/config/eval.yaml:12"),
-        method__temperature=(0.2, "src/config/eval.yaml:13"),
-        method__n_last_frames=(28, "src/config/eval.yaml:14"),
-        method__radius=(15, "src/config/eval.yaml:15 (size_mask_neighborhood)"),
-        method__topk=(15, "src/config/eval.yaml:16"),
-        method__similarity=("cosine", "src/config/eval.yaml:17 (func)"),
-        method__memory_caps=(None, "src/eval_vos.py:80 (one memory length for every sequence)"),
-        input__short_side=(480, "src/utils/read_util.py:17 (scale_size=[480])"),
-        dataset__split=("val", "src/config/eval.yaml:29"),
-        dataset__resolution=("480p", "src/config/eval.yaml:27"),
+        **_EVAL_YAML,
     ),
     "paper-sd21": _released(
         _ZVOS,
         backbone__name=("sd2.1", "docs/EVALUATION.md:29 (model=sd2.1); src/config/eval.yaml:20"),
         backbone__timestep=(100, "src/config/eval.yaml:11"),
         backbone__layer=(9, "src/config/eval.yaml:18"),
-        backbone__ensemble_size=(8, "src/config/eval.yaml:12"),
-        method__temperature=(0.2, "src/config/eval.yaml:13"),
-        method__n_last_frames=(28, "src/config/eval.yaml:14"),
-        method__radius=(15, "src/config/eval.yaml:15 (size_mask_neighborhood)"),
-        method__topk=(15, "src/config/eval.yaml:16"),
-        method__similarity=("cosine", "src/config/eval.yaml:17 (func)"),
-        method__memory_caps=(None, "src/eval_vos.py:80 (one memory length for every sequence)"),
-        input__short_side=(480, "src/utils/read_util.py:17 (scale_size=[480])"),
-        dataset__split=("val", "src/config/eval.yaml:29"),
-        dataset__resolution=("480p", "src/config/eval.yaml:27"),
+        **_EVAL_YAML,
     ),
     # learn_prompts.py and eval_vos_prompts.py both read src/config/eval_prompt_learning.yaml (their
     # hydra config_name); the learning uses its propagation t and ensemble (learn_prompts.py:19-20)
