@@ -119,8 +119,12 @@ def test_full_download_verified(server: FileServer, tmp_path: Path) -> None:
     server.files["/blob.bin"] = BLOB
     dest = tmp_path / "sub" / "blob.bin"
     result = download_file(
-        f"{server.url}/blob.bin", dest, size=len(BLOB), sha256=hashlib.sha256(BLOB).hexdigest(),
-        md5=hashlib.md5(BLOB).hexdigest(), progress=False,
+        f"{server.url}/blob.bin",
+        dest,
+        size=len(BLOB),
+        sha256=hashlib.sha256(BLOB).hexdigest(),
+        md5=hashlib.md5(BLOB).hexdigest(),
+        progress=False,
     )
     assert result == dest
     assert dest.read_bytes() == BLOB
@@ -317,8 +321,13 @@ def test_davis_second_split_merges_into_existing_root(
 
 def test_davis_keep_archives(server: FileServer, synth_root: Path, tmp_path: Path) -> None:
     _serve_davis(server, synth_root)
-    download_davis2017(tmp_path / "d", splits=["test-dev"], base_url=f"{server.url}/davis",
-                       progress=False, keep_archives=True)
+    download_davis2017(
+        tmp_path / "d",
+        splits=["test-dev"],
+        base_url=f"{server.url}/davis",
+        progress=False,
+        keep_archives=True,
+    )
     kept = [p.name for p in tmp_path.rglob("*.zip")]
     assert kept == [DAVIS_ARCHIVES["test-dev"]]
 
@@ -366,9 +375,9 @@ def test_davis_corrupt_archive_is_rejected_and_deleted(
     good = _davis_zip(synth_root, "test-dev")
     middle = len(good) // 2
     # Flip bytes inside the compressed data: the central directory is intact, a member's CRC is not.
-    server.files[f"/davis/{DAVIS_ARCHIVES['test-dev']}"] = good[:middle] + bytes(
-        b ^ 0xFF for b in good[middle : middle + 64]
-    ) + good[middle + 64 :]
+    server.files[f"/davis/{DAVIS_ARCHIVES['test-dev']}"] = (
+        good[:middle] + bytes(b ^ 0xFF for b in good[middle : middle + 64]) + good[middle + 64 :]
+    )
     root = tmp_path / "davis"
     with pytest.raises(DataError, match="corrupt|not a valid zip"):
         download_davis2017(root, splits=["test-dev"], base_url=f"{server.url}/davis", progress=False)
