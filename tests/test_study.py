@@ -24,7 +24,6 @@ from harness.study.sweep import (
     SEQUENCE_ORDER_ATTR,
     budget_used,
     create_or_load_study,
-    split_trials,
     worker_seed,
 )
 from harness.tracking import TrackingConfig
@@ -510,14 +509,6 @@ def test_rdb_storage_gets_heartbeat_and_retry(tmp_path: Path) -> None:
     assert storage.heartbeat_interval == 3
     assert storage.grace_period == 7
     assert storage.get_heartbeat_stale_trial_callback() is not None
-
-
-@pytest.mark.parametrize(("total", "workers"), [(10, 3), (2, 3), (7, 1), (9, 9)])
-def test_split_trials(total: int, workers: int) -> None:
-    shares = split_trials(total, workers)
-    assert sum(shares) == total
-    assert len(shares) == min(total, workers)
-    assert max(shares) - min(shares) <= 1 and min(shares) >= 1
 
 
 def test_worker_seeds_differ_per_worker_and_resumption() -> None:

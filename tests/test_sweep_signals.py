@@ -241,9 +241,6 @@ def test_two_sweeps_started_at_once_share_the_budget(tmp_path: Path, synth_root:
     )
 
 
-# a known race (issue #13 note): under load this test has once lost a grid point / seen an interrupted
-# trial without its failure kind; rerun so CI is not decided by it while the race is open
-@pytest.mark.flaky(reruns=2)
 def test_ctrl_c_with_local_workers(tmp_path: Path, synth_root: Path) -> None:
     """Ctrl-C in a terminal reaches the sweep and its workers (one process group): every running trial is
     re-queued, and the next run completes the grid without counting them."""

@@ -317,9 +317,6 @@ def test_several_machines_postgres_and_mlflow_server(
     assert board.iloc[0]["J&F-Mean"] == pytest.approx(best.value)
 
 
-# a known race (issue #13 note): under load this test has once lost a grid point / seen an interrupted
-# trial without its failure kind; rerun so CI is not decided by it while the race is open
-@pytest.mark.flaky(reruns=2)
 @pytest.mark.postgres
 def test_killed_worker_trial_is_failed_retried_and_closed(
     tmp_path: Path, synth_root: Path, optuna_database: str, mlflow_server: str

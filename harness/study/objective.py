@@ -29,6 +29,7 @@ from harness.study.failures import (
     retried_numbers,
     this_worker,
 )
+from harness.study.interrupts import InterruptGate
 from harness.study.spec import StudySpec, _set_dotted
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class StudyObjective:
         extra_overrides: Mapping[str, Any] | None = None,
         target: int | None = None,
         progress: SweepProgress | None = None,
+        interrupts: InterruptGate | None = None,
     ) -> None:
         self.spec = spec
         self.sequence_order = sequence_order
@@ -156,6 +158,8 @@ class StudyObjective:
         self.progress = progress
         #: why this worker stopped early (an environment failure), None while it runs normally
         self.stop_reason: str | None = None
+        #: when Ctrl-C may interrupt (the worker installs it; by default nothing changes)
+        self.interrupts = interrupts if interrupts is not None else InterruptGate()
 
     def _cache_for(self, config: Any) -> Any:
         """One FeatureCache per cache setting for the worker's lifetime (the files are shared on disk)."""
@@ -175,37 +179,44 @@ class StudyObjective:
     def __call__(self, trial: Any) -> float:
         import optuna
 
-        trial.set_user_attr(WORKER_ATTR, this_worker())  # first: a dead worker's trial is found by it
-        close_stale_runs(trial.study, self.tracker)
-        params = {name: param.suggest(trial) for name, param in self.spec.search_space.items()}
-        output_dir = self.output_root / self.spec.name / f"trial-{trial.number}"
-        trial.set_user_attr("output_dir", str(output_dir))
-        position = self._position(trial)
-        if self.target is not None and position > self.target:
+        run = None
+        status, error = "FAILED", None
+        #: what the progress line says at the end; None: nothing (the trial was not run)
+        outcome: str | None = None
+        value, detail = None, ""
+        try:
+            # everything from the first step is interruptible, so Ctrl-C never leaves this trial
+            # unlabelled; the handlers below run with the gate closed (see harness.study.interrupts)
+            with self.interrupts.open():
+                trial.set_user_attr(WORKER_ATTR, this_worker())  # first: a dead worker's trial is found by it
+                close_stale_runs(trial.study, self.tracker)
+                params = {name: param.suggest(trial) for name, param in self.spec.search_space.items()}
+                output_dir = self.output_root / self.spec.name / f"trial-{trial.number}"
+                trial.set_user_attr("output_dir", str(output_dir))
+                position = self._position(trial)
+                if self.target is not None and position > self.target:
+                    raise SurplusTrial(f"trial {trial.number} is beyond the budget of {self.target}")
+                if self.progress is not None:
+                    self.progress.started(trial.number, position, params)
+                outcome = "failed"
+                try:
+                    config = self.spec.build_config(
+                        params, output_dir=output_dir, sequences=self.sequence_order
+                    ).with_overrides(self.extra_overrides)
+                except Exception:
+                    run = self.tracker.start_trial(
+                        self.parent_run_id, trial.number, params, UnbuiltSettings(self._settings(params))
+                    )
+                    raise
+                run = self.tracker.start_trial(self.parent_run_id, trial.number, params, config)
+                value = self._run_trial(trial, config, run)
+            status, outcome = "FINISHED", "complete"
+            return value
+        except SurplusTrial:
             # other processes used the budget while this one asked for a trial: keep it for later
             requeue(trial.study, trial, SURPLUS, "not run: the budget was used by other workers")
             stop_optimizing(trial.study)
-            raise SurplusTrial(f"trial {trial.number} is beyond the budget of {self.target}")
-        if self.progress is not None:
-            self.progress.started(trial.number, position, params)
-
-        run = None
-        status, error = "FAILED", None
-        outcome, value, detail = "failed", None, ""
-        try:
-            try:
-                config = self.spec.build_config(
-                    params, output_dir=output_dir, sequences=self.sequence_order
-                ).with_overrides(self.extra_overrides)
-            except Exception:
-                run = self.tracker.start_trial(
-                    self.parent_run_id, trial.number, params, UnbuiltSettings(self._settings(params))
-                )
-                raise
-            run = self.tracker.start_trial(self.parent_run_id, trial.number, params, config)
-            value = self._run_trial(trial, config, run)
-            status, outcome = "FINISHED", "complete"
-            return value
+            raise
         except optuna.TrialPruned:
             status, outcome = "KILLED", "pruned"
             if run is not None:
@@ -236,7 +247,7 @@ class StudyObjective:
         finally:
             if run is not None:
                 run.end(status, error=error)
-            if self.progress is not None:
+            if self.progress is not None and outcome is not None:
                 with contextlib.suppress(Exception):  # a progress line must never change the outcome
                     self._report(trial, outcome, value, detail)
 

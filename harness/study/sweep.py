@@ -41,6 +41,7 @@ from harness.study.failures import (
     reap_dead_workers,
     retried_numbers,
 )
+from harness.study.interrupts import InterruptGate, StopOnInterrupt
 from harness.study.objective import BackbonePool, PipelineRunner, StudyObjective, close_stale_runs
 from harness.study.progress import SweepProgress
 from harness.study.spec import StudySpec, load_study_spec
@@ -398,6 +399,7 @@ def run_worker(
     storage = open_storage(location, heartbeat)
     study = load_existing_study(spec, storage, worker_index, stream)
     order = study.user_attrs.get(SEQUENCE_ORDER_ATTR)
+    interrupts = InterruptGate()
     objective = StudyObjective(
         spec,
         sequence_order=order,
@@ -409,20 +411,25 @@ def run_worker(
         extra_overrides=layer_prefetch_overrides(spec),
         target=target,
         progress=progress,
+        interrupts=interrupts,
     )
     updater = ParentRunUpdater(tracker, parent_run_id)
     remaining = target - budget_used(study, count_running=True)
-    n_trials = remaining if max_trials is None else min(max_trials, remaining)
-    if n_trials > 0:
+    # no trial count fixed here: other workers' running trials count against the budget now, but one
+    # that fails (its worker killed) is re-queued and stops counting, and then this worker runs it too
+    n_trials = None if max_trials is None else min(max_trials, remaining)
+    if remaining > 0 and n_trials != 0:
         # Optuna's own failure warnings carry whole tracebacks; the progress lines say what failed
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=spec.timeout,
-            catch=(Exception,),
-            callbacks=[StopAtBudget(target, count_running=True), updater],
-        )
+        with interrupts.listening():
+            study.optimize(
+                objective,
+                n_trials=n_trials,
+                timeout=spec.timeout,
+                catch=(Exception,),
+                callbacks=[StopOnInterrupt(interrupts), StopAtBudget(target, count_running=True), updater],
+            )
+            interrupts.raise_if_pending()  # a Ctrl-C held back while a result was being recorded
     close_stale_runs(study, tracker)
     if final_update and not others_running(study):
         updater.update(study)
@@ -680,13 +687,6 @@ def study_params(spec: StudySpec, location: StorageLocation, target: int) -> dic
     }
 
 
-def split_trials(total: int, workers: int) -> list[int]:
-    """``total`` trials as nearly equal shares for ``workers`` workers (never a zero share)."""
-    workers = min(workers, total)
-    base, extra = divmod(total, workers)
-    return [base + (1 if index < extra else 0) for index in range(workers)]
-
-
 def worker_command(
     study_file: Path,
     location: StorageLocation,
@@ -694,7 +694,7 @@ def worker_command(
     tracker: StudyTracker,
     parent_run_id: str,
     target: int,
-    max_trials: int,
+    max_trials: int | None,
     output_root: Path,
     heartbeat: HeartbeatSettings,
     worker_index: int,
@@ -718,8 +718,6 @@ def worker_command(
         parent_run_id,
         "--target",
         str(target),
-        "--max-trials",
-        str(max_trials),
         "--output-root",
         str(output_root),
         "--heartbeat-interval",
@@ -733,6 +731,8 @@ def worker_command(
         "--n-workers",
         str(n_workers),
     ]
+    if max_trials is not None:
+        command += ["--max-trials", str(max_trials)]
     if heartbeat.grace_period is not None:
         command += ["--grace-period", str(heartbeat.grace_period)]
     if tracker.config.artifact_location:
@@ -778,7 +778,7 @@ def run_worker_rounds(
             tracker=tracker,
             parent_run_id=parent_run_id,
             target=target,
-            shares=split_trials(remaining, workers),
+            n_workers=min(workers, remaining),
             output_root=output_root,
             heartbeat=heartbeat,
             stream=f"{stream}.{round_index}",
@@ -797,14 +797,17 @@ def run_worker_processes(
     tracker: StudyTracker,
     parent_run_id: str,
     target: int,
-    shares: list[int],
+    n_workers: int,
     output_root: Path,
     heartbeat: HeartbeatSettings,
     study: Any = None,
     stream: str = "0",
     quiet: bool = False,
 ) -> tuple[int, ...]:
-    """Start one subprocess per share and wait for all; returns their exit codes.
+    """Start ``n_workers`` subprocesses and wait for all; returns their exit codes.
+
+    Each worker runs trials until the study's budget is used (no fixed share: when one worker's trial is
+    re-queued, the others run it).
 
     A worker that dies from a signal (SIGKILL, the OOM killer) has its running trial failed, re-queued and
     its MLflow run closed KILLED as soon as it is seen dead (when ``study`` is given).
@@ -818,17 +821,17 @@ def run_worker_processes(
                 tracker=tracker,
                 parent_run_id=parent_run_id,
                 target=target,
-                max_trials=share,
+                max_trials=None,
                 output_root=output_root,
                 heartbeat=heartbeat,
                 worker_index=index,
                 stream=stream,
                 quiet=quiet,
-                n_workers=len(shares),
+                n_workers=n_workers,
             ),
             env=env,
         )
-        for index, share in enumerate(shares)
+        for index in range(n_workers)
     ]
     reaped: set[int] = set()
     try:
