@@ -132,7 +132,10 @@ def wait_for_running_trial(
                 continue
             # a trial runs only after the MLflow store and parent run exist: reading it now is safe
             if str(trial.number) in {r.data.tags.get(TAG_TRIAL) for r in _safe_runs(tmp_path, name)}:
-                return trial, pid
+                # read the trial again: its parameters are set before its run is created, maybe after
+                # the listing above was read
+                (fresh,) = [t for t in study.get_trials() if t.number == trial.number]
+                return fresh, pid
     raise AssertionError(f"no running trial within {timeout} s\n{logs(tmp_path)}")
 
 

@@ -327,31 +327,40 @@ def test_killed_worker_trial_is_failed_retried_and_closed(
 
     topks = [1, 3, 5, 8, 12]
     study_file = write_study(tmp_path, synth_root, "killed", topks)
-    # worker A sleeps 60 s after its first sequence, so it is surely inside a trial when killed;
-    # worker B takes ~3 s a trial, so the killed trial goes stale (grace 2 s) while B still works
+    tracker = StudyTracker(TrackingConfig(tracking_uri=mlflow_server, experiment="killed"), "killed")
+
+    def running_trial(process: subprocess.Popen, log_name: str) -> tuple[Any, str]:
+        """A RUNNING trial of ``process`` that already has its MLflow run, read after the run exists."""
+        deadline = time.monotonic() + 90
+        while True:
+            assert time.monotonic() < deadline, f"worker {log_name} never started a trial"
+            assert process.poll() is None, (tmp_path / f"{log_name}.log").read_text()
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="killed", storage=optuna_database)
+            except KeyError:
+                continue
+            for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                if trial.user_attrs.get("worker") != f"{socket.gethostname()}:{process.pid}":
+                    continue  # the other worker's trial
+                run_id = tracker.find_trial_run(trial.number)
+                if run_id is not None:
+                    # read the trial again: its parameters are set before its run is created, maybe
+                    # after the listing above was read
+                    (fresh,) = [t for t in study.get_trials() if t.number == trial.number]
+                    return fresh, run_id
+
+    # worker A sleeps 60 s after its first sequence, so it is surely inside a trial when killed. Worker B
+    # starts once A's trial runs and is killed inside its own first trial: B then has three more trials
+    # (~3 s each) to start, so it sees A's trial stale (heartbeat 1 s, grace 2 s) whatever the load
     doomed = sweep_process(
         study_file, optuna_database, mlflow_server, "killed", tmp_path, sleep=60, log_name="a"
     )
+    victim = running_trial(doomed, "a")
     survivor = sweep_process(
         study_file, optuna_database, mlflow_server, "killed", tmp_path, sleep=1.2, log_name="b"
     )
-    tracker = StudyTracker(TrackingConfig(tracking_uri=mlflow_server, experiment="killed"), "killed")
-    deadline = time.monotonic() + 90
-    victim = None
-    while victim is None:
-        assert time.monotonic() < deadline, "worker A never started a trial"
-        assert doomed.poll() is None, (tmp_path / "a.log").read_text()
-        time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name="killed", storage=optuna_database)
-        except KeyError:
-            continue
-        for trial in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-            if trial.user_attrs.get("worker") != f"{socket.gethostname()}:{doomed.pid}":
-                continue  # worker B's trial
-            run_id = tracker.find_trial_run(trial.number)
-            if run_id is not None:
-                victim = (trial, run_id)
+    running_trial(survivor, "b")
     doomed.kill()  # SIGKILL: no chance to record anything
     doomed.wait()
     wait_all([survivor], tmp_path)
