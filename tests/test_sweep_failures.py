@@ -60,6 +60,21 @@ def trials_of(tmp_path: Path, name: str = "unit") -> list[optuna.trial.FrozenTri
     return optuna.load_study(study_name=name, storage=storage).get_trials()
 
 
+def objective_for(spec: Any, study: Any, tmp_path: Path, tracker: Any = None, **kwargs: Any) -> Any:
+    """The sweep's objective on the fake runner and tracker, called by hand outside ``optimize``."""
+    from harness.study.objective import StudyObjective
+
+    return StudyObjective(
+        spec,
+        sequence_order=study.user_attrs["sequence_order"],
+        output_root=tmp_path / "runs",
+        tracker=tracker or FakeTracker(),
+        parent_run_id="parent-1",
+        runner=FakeRunner(temperature_score),
+        **kwargs,
+    )
+
+
 def test_failure_kinds() -> None:
     assert classify(WeightsNotFoundError("no checkpoint")) == ENVIRONMENT
     assert classify(DataError("no frames")) == ENVIRONMENT
@@ -150,17 +165,7 @@ def test_surplus_check_inside_the_objective(tmp_path: Path, synth_root: Path) ->
     spec = load_study_spec(study_file)
     storage = open_storage(resolve_storage(None, "unit", tmp_path / "storage"))
     study = create_or_load_study(spec, storage)
-    from harness.study.objective import StudyObjective
-
-    objective = StudyObjective(
-        spec,
-        sequence_order=study.user_attrs["sequence_order"],
-        output_root=tmp_path / "runs",
-        tracker=FakeTracker(),
-        parent_run_id="parent-1",
-        runner=FakeRunner(temperature_score),
-        target=1,
-    )
+    objective = objective_for(spec, study, tmp_path, target=1)
     first, second = study.ask(), study.ask()  # both asked before either finished
     with pytest.raises(Exception, match="beyond the budget"):
         objective(second)

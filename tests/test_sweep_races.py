@@ -21,12 +21,11 @@ import optuna
 import pytest
 
 from harness.study.failures import INTERRUPTED, KILLED, fail_and_requeue
-from harness.study.objective import StudyObjective
 from harness.study.spec import load_study_spec
 from harness.study.storage import open_storage, resolve_storage
 from harness.study.sweep import create_or_load_study
 from tests.test_study import FakeRunner, FakeTracker, temperature_score
-from tests.test_sweep_failures import grid_study, sweep, trials_of
+from tests.test_sweep_failures import grid_study, objective_for, sweep, trials_of
 
 FAIL, WAITING, COMPLETE, RUNNING = (
     optuna.trial.TrialState.FAIL,
@@ -81,14 +80,7 @@ def test_ctrl_c_in_the_first_steps_of_a_trial_is_recorded(tmp_path: Path, synth_
     for param in spec.search_space.values():
         param.suggest(earlier)
     study.tell(earlier, state=FAIL)
-    objective = StudyObjective(
-        spec,
-        sequence_order=study.user_attrs["sequence_order"],
-        output_root=tmp_path / "runs",
-        tracker=InterruptingTracker(),
-        parent_run_id="parent-1",
-        runner=FakeRunner(temperature_score),
-    )
+    objective = objective_for(spec, study, tmp_path, InterruptingTracker())
     with pytest.raises(KeyboardInterrupt):
         study.optimize(objective, n_trials=1)
     trials = {t.number: t for t in study.get_trials()}
