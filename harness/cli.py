@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from harness.errors import ConfigError, HarnessError, HarnessWarning
+from harness.errors import ConfigError, HarnessError, HarnessWarning, interrupted_exit_status
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -334,7 +334,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted_exit_status()
 
 
 if __name__ == "__main__":

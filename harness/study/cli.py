@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, interrupted_exit_status
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -196,4 +196,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted_exit_status()
