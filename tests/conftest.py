@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,15 @@ def fresh_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tup
         return f"sqlite:///{folder / 'mlflow.db'}", (folder / "artifacts").as_uri()
 
     return new
+
+
+@pytest.fixture
+def ctrl_c_enabled() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process, and commands started here have it at its default,
+    as a terminal's foreground command does, even when the suite itself was started with SIGINT ignored
+    (a background job of a script: the harness then keeps ignoring it, see harness.study.interrupts)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

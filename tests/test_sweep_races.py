@@ -107,6 +107,7 @@ class SigintOnResult(io.StringIO):
         return written
 
 
+@pytest.mark.usefixtures("ctrl_c_enabled")
 def test_ctrl_c_between_trials_is_held_until_the_result_is_recorded(tmp_path: Path, synth_root: Path) -> None:
     study_file = grid_study(tmp_path, synth_root, [1, 3, 5])
     out = SigintOnResult()
@@ -123,3 +124,22 @@ def test_ctrl_c_between_trials_is_held_until_the_result_is_recorded(tmp_path: Pa
 
     again = sweep(study_file, tmp_path, FakeRunner(temperature_score))
     assert again.n_complete == 3 and again.ok
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path: Path, synth_root: Path) -> None:
+    """A sweep started with SIGINT ignored (``nohup ... &`` from a script) keeps ignoring it, as Python and
+    the sweep's parent process do, instead of turning Ctrl-C back on in its trials."""
+    study_file = grid_study(tmp_path, synth_root, [1])
+    seen: list[Any] = []
+
+    def score(config: Any, index: int) -> float:
+        seen.append(signal.getsignal(signal.SIGINT))
+        return temperature_score(config, index)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        summary = sweep(study_file, tmp_path, FakeRunner(score))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert summary.ok and seen and all(handler is signal.SIG_IGN for handler in seen)

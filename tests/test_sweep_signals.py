@@ -24,7 +24,8 @@ from harness.study.storage import open_storage, resolve_storage
 from harness.study.sweep import worker_environment
 from harness.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL
 
-pytestmark = pytest.mark.slow
+# the Ctrl-C tests signal commands started as from a terminal (SIGINT at its default)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ctrl_c_enabled")]
 
 PROJECT = Path(__file__).resolve().parents[1]
 FAIL, COMPLETE, WAITING = (

@@ -20,8 +20,8 @@ from typing import Any
 class InterruptGate:
     """Decides when a SIGINT becomes a KeyboardInterrupt.
 
-    Only :meth:`listening` installs the handler (main thread only: Python runs signal handlers there);
-    without it, SIGINT keeps Python's default behaviour and the gate changes nothing.
+    Only :meth:`listening` installs the handler (main thread only: Python runs signal handlers there; not
+    over an ignored SIGINT); without it, SIGINT keeps its behaviour and the gate changes nothing.
     """
 
     def __init__(self) -> None:
@@ -38,8 +38,15 @@ class InterruptGate:
 
     @contextlib.contextmanager
     def listening(self) -> Iterator[None]:
-        """Handle SIGINT through this gate for the duration of the block; the previous handler after."""
+        """Handle SIGINT through this gate for the duration of the block; the previous handler after.
+
+        A SIGINT ignored when the block starts stays ignored: a command started in the background of a
+        script (``nohup ... &``) inherits it ignored, Python keeps it so, and so does the sweep's parent.
+        """
         if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             yield
             return
         previous = signal.signal(signal.SIGINT, self._on_sigint)
