@@ -21,6 +21,29 @@ SYSTEMS = ("paper-adm", "paper-sd21", "dift-adm", "dift-sd21")
 RELEASED_SYSTEMS = (*SYSTEMS, "paper-sd21-prompt")
 
 
+def register_smoke_row(
+    monkeypatch: pytest.MonkeyPatch, description: str, **overrides: object
+) -> PublishedSystem:
+    """A published row named ``smoke`` (J&F 50.0) that runs the random-conv backbone in seconds."""
+    row = PublishedSystem(
+        name="smoke",
+        description=description,
+        jf=50.0,
+        source="test",
+        weights=("random-conv",),
+        overrides={
+            "backbone.name": "random-conv",
+            "input.short_side": 64,
+            "method.n_last_frames": 3,
+            "method.radius": 4,
+            "cache.enabled": False,
+            **overrides,
+        },
+    )
+    monkeypatch.setitem(published.PUBLISHED, "smoke", row)
+    return row
+
+
 def test_the_released_table_covers_the_paper_and_dift_with_sources() -> None:
     assert set(RELEASED_SYSTEMS) <= set(RELEASED) and set(RELEASED_SYSTEMS) <= set(PUBLISHED)
     for name in RELEASED_SYSTEMS:
@@ -78,21 +101,7 @@ def test_unknown_systems_are_one_line_errors(capsys: pytest.CaptureFixture[str])
 def test_a_new_row_just_works(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    row = PublishedSystem(
-        name="smoke",
-        description="random-conv on the synthetic set",
-        jf=50.0,
-        source="test",
-        weights=("random-conv",),
-        overrides={
-            "backbone.name": "random-conv",
-            "input.short_side": 64,
-            "method.n_last_frames": 3,
-            "method.radius": 4,
-            "cache.enabled": False,
-        },
-    )
-    monkeypatch.setitem(published.PUBLISHED, "smoke", row)
+    row = register_smoke_row(monkeypatch, "random-conv on the synthetic set")
     out_dir = tmp_path / "smoke"
     argv = ["reproduce", "smoke", "--dataset", str(synth_root), "--output", str(out_dir), "--quiet"]
     assert main([*argv, "--no-track"]) == 0
@@ -149,22 +158,11 @@ def test_a_tracked_reproduction_is_tagged_with_its_system(
 ) -> None:
     from mlflow import MlflowClient
 
-    row = PublishedSystem(
-        name="smoke",
-        description="random-conv on two synthetic sequences",
-        jf=50.0,
-        source="test",
-        weights=("random-conv",),
-        overrides={
-            "backbone.name": "random-conv",
-            "dataset.sequences": ["synth-shapes", "synth-crossing"],
-            "input.short_side": 64,
-            "method.n_last_frames": 3,
-            "method.radius": 4,
-            "cache.enabled": False,
-        },
+    register_smoke_row(
+        monkeypatch,
+        "random-conv on two synthetic sequences",
+        **{"dataset.sequences": ["synth-shapes", "synth-crossing"]},
     )
-    monkeypatch.setitem(published.PUBLISHED, "smoke", row)
     uri, _ = fresh_store("reproduce-store")
     argv = ["reproduce", "smoke", "--dataset", str(synth_root), "--output", str(tmp_path / "o"), "--quiet"]
     assert main([*argv, "--tracking-uri", uri]) == 0
